@@ -1,0 +1,1 @@
+"""`builder`: the maintainer's CLI, thin over `source/` and `runtime_python/`."""

@@ -1,0 +1,33 @@
+"""`builder`: the maintainer's pipeline, one verb per stage.
+
+    builder data build            corpus -> Parquet shards + manifest
+    builder tokenizer train       SentencePiece BPE + tokenizer.json
+    builder pretrain              pretraining loop (Accelerate)
+"""
+
+import click
+
+from builder.data_cmd import data
+from builder.tokenizer_cmd import tokenizer
+from builder.train_cmd import pretrain
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="supermix")
+def main() -> None:
+    """Build the corpus, train the tokenizer and the model, and (soon) evaluate, export and release.
+
+    \b
+    A first run on the embedded default, smallest model:
+      builder data build
+      builder tokenizer train
+      builder pretrain --preset tiny
+    """
+
+
+main.add_command(data)
+main.add_command(tokenizer)
+main.add_command(pretrain)
+
+if __name__ == "__main__":
+    main()

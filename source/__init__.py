@@ -1,0 +1,1 @@
+"""Supermix's model source of truth: configs, tokenizer, model, corpus, training. No CLI, no web."""

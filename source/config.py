@@ -1,0 +1,162 @@
+"""Model and training configuration: two dataclasses and their named presets.
+
+Presets are plain dictionaries of overrides; the CLI applies `--set key=value` on top. No config
+framework: `ModelConfig(**preset)` is the whole mechanism.
+
+The `blueprint-700m` preset follows the original blueprint's depth (24 layers, 16 heads, 8k context,
+65k vocab). The blueprint also said "3072 hidden", which at 24 layers is ~2.7B parameters, not 700M;
+we keep the 700M target and pick dim 1536 (SwiGLU hidden 4096, 8 kv heads), which gives ~0.72B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_hidden: int = 704  # SwiGLU hidden size, ~8/3 * dim rounded up to a multiple of 64
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("head dimension must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    seq_len: int = 256
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # "bf16" (autocast) or "fp32"
+    compile: bool = False
+    seed: int = 1337
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    log_every: int = 10
+    distributed: str = "ddp"  # "ddp" or "fsdp" (FSDP is meant for GPU clusters)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # < 1M parameters: for tests and CI
+    "tiny": dict(vocab_size=8192, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=192, max_seq_len=256),
+    # ~8M parameters: the default champion
+    "small": dict(vocab_size=8192, dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden=704, max_seq_len=1024),
+    "blueprint-700m": dict(vocab_size=65536, dim=1536, n_layers=24, n_heads=16, n_kv_heads=8, ffn_hidden=4096,
+                           max_seq_len=8192, rope_theta=500000.0, gradient_checkpointing=True),
+}
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(batch_size=8, seq_len=128, max_steps=300, lr=3e-3, warmup_steps=20, eval_every=100,
+                 eval_batches=4, checkpoint_every=100, log_every=10),
+    "small": dict(batch_size=16, seq_len=512, max_steps=6000, lr=2e-3, warmup_steps=200, eval_every=250,
+                  eval_batches=16, checkpoint_every=250, log_every=10),
+    "blueprint-700m": dict(batch_size=8, seq_len=8192, grad_accum=16, max_steps=100_000, lr=3e-4,
+                           warmup_steps=2000, eval_every=1000, checkpoint_every=1000, distributed="fsdp"),
+}
+
+
+def _coerce(value: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """Return a copy of a config dataclass with `key=value` strings applied (types follow the field)."""
+    changes: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        if key not in names:
+            raise ValueError(f"unknown field {key!r} for {type(cfg).__name__}; known: {', '.join(sorted(names))}")
+        try:
+            changes[key] = _coerce(value.strip(), getattr(cfg, key))
+        except ValueError as exc:
+            raise ValueError(f"field {key!r}: {exc}") from None
+    return dataclasses.replace(cfg, **changes)
+
+
+def model_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+    return apply_overrides(ModelConfig(**MODEL_PRESETS[preset]), overrides)
+
+
+def train_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(TRAIN_PRESETS)}")
+    return apply_overrides(TrainConfig(**TRAIN_PRESETS[preset]), overrides)
+
+
+def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Route `key=value` overrides to ModelConfig or TrainConfig by field name."""
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_o, train_o = [], []
+    for item in overrides:
+        key = item.partition("=")[0].strip().replace("-", "_")
+        if key in model_fields:
+            model_o.append(item)
+        elif key in train_fields:
+            train_o.append(item)
+        else:
+            raise ValueError(f"unknown setting {key!r}; model fields: {', '.join(sorted(model_fields))}; "
+                             f"train fields: {', '.join(sorted(train_fields))}")
+    return model_o, train_o
+
+
+__all__ = ["ModelConfig", "TrainConfig", "MODEL_PRESETS", "TRAIN_PRESETS", "model_config", "train_config",
+           "apply_overrides", "split_overrides"]

@@ -1,0 +1,247 @@
+"""One training loop for pretraining and chat fine-tuning, on Hugging Face Accelerate.
+
+- AdamW (no decay on norms), linear warmup then cosine to `lr * min_lr_ratio`; the learning rate is a
+  pure function of the step, so there is no scheduler state to lose
+- gradient accumulation, gradient clipping, bf16 autocast (CPU AVX-512 BF16 or GPU), optional
+  torch.compile; DDP via `accelerate launch` (FSDP with `distributed=fsdp`, meant for GPU clusters)
+- batches come from a `BatchSource` (see token_data.TokenShards) addressed by (step, micro, rank), so
+  `resume=True` continues exactly where the last checkpoint left off
+- progress bar with loss, tokens/s, MFU and ETA; metrics appended to `metrics.jsonl`; periodic val
+  loss and bits-per-byte; atomic checkpoints every `checkpoint_every` steps and at the end
+
+Output folder: `model.pth` (weights, see checkpoint.py), `train_state.pt`, `metrics.jsonl`, `run.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from source.checkpoint import atomic_torch_save, atomic_write_bytes, load_model, save_model
+from source.config import ModelConfig, TrainConfig
+from source.model import Transformer
+
+
+class BatchSource(Protocol):
+    tokens_per_byte: float
+
+    def batch(self, split: str, batch_size: int, seq_len: int, step: int, micro: int = 0,
+              rank: int = 0) -> tuple[torch.Tensor, ...]: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    seconds: float
+    final_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    out_dir: str
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus the attention scores (PaLM appendix B)."""
+    return 6 * n_params + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
+    """Dense matmul throughput of this machine right now: the denominator of MFU."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - t0)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    kwargs = {}
+    if cfg.distributed == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin()
+    return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+                       cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, keep_until_step: int) -> None:
+    """Drop log lines a killed run wrote after its last checkpoint, so the resumed log has no repeats."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_until_step]
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data: BatchSource, cfg: TrainConfig, accelerator, rank: int = 0) -> float:
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_batches):
+        x, y, *mask = data.batch("val", cfg.batch_size, cfg.seq_len, step=i, rank=rank)
+        with accelerator.autocast():
+            _, loss = model(x.to(accelerator.device), y.to(accelerator.device),
+                            loss_mask=mask[0].to(accelerator.device) if mask else None)
+        losses.append(loss.float())
+    model.train()
+    mean = torch.stack(losses).mean().to(accelerator.device)
+    return accelerator.reduce(mean, reduction="mean").item()
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out_dir: str | Path, *,
+          tokenizer_sha256: str, kind: str = "pretrain", resume: bool = False, init_from: str | Path | None = None,
+          metadata: dict | None = None, progress: bool = True,
+          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train `model_cfg` on `data`, writing checkpoints and logs to `out_dir`.
+
+    `init_from` starts from another run's `model.pth` (SFT starts from the pretrained model);
+    `resume` continues this folder's own run from `train_state.pt`."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    accelerator = _accelerator(train_cfg)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if accelerator.device.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    main = accelerator.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path, state_path = out_dir / "metrics.jsonl", out_dir / "train_state.pt"
+
+    torch.manual_seed(train_cfg.seed)
+    if init_from is not None:
+        model, _ = load_model(init_from)
+        if asdict(model.cfg) != asdict(model_cfg):
+            model_cfg = model.cfg  # the parent's architecture wins; it is what the weights are
+    else:
+        model = Transformer(model_cfg)
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    optimizer = make_optimizer(model, train_cfg)
+    if resume:
+        if not state_path.is_file() or not (out_dir / "model.pth").is_file():
+            raise FileNotFoundError(f"{out_dir}: nothing to resume (need model.pth and train_state.pt)")
+        model, _ = load_model(out_dir / "model.pth")
+        optimizer = make_optimizer(model, train_cfg)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        if main:
+            _truncate_metrics(metrics_path, step)
+    elif main and metrics_path.exists():
+        metrics_path.unlink()  # a fresh run starts a fresh log
+    accelerator.wait_for_everyone()
+
+    n_params = model.num_params()
+    compiled = torch.compile(model) if train_cfg.compile else model
+    compiled, optimizer = accelerator.prepare(compiled, optimizer)
+    raw_model: Transformer = model
+    if main:
+        run_info = {"kind": kind, "model": asdict(model_cfg), "train": asdict(train_cfg), "params": n_params,
+                    "processes": world, "device": str(accelerator.device), "tokenizer_sha256": tokenizer_sha256,
+                    **(metadata or {})}
+        atomic_write_bytes(out_dir / "run.json", json.dumps(run_info, indent=2).encode())
+
+    peak = measure_peak_flops(torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32)
+    fpt = flops_per_token(model_cfg, n_params, train_cfg.seq_len)
+    tokens_per_step = train_cfg.tokens_per_step * world
+    save_meta = dict(metadata or {}, params=n_params)
+
+    def save(current_step: int) -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            save_model(out_dir / "model.pth", raw_model, tokenizer_sha256, kind=kind, step=current_step,
+                       tokens=tokens_seen, train_config=asdict(train_cfg), **save_meta)
+            atomic_torch_save({"optimizer": optimizer.state_dict(), "step": current_step, "tokens": tokens_seen,
+                               "elapsed": elapsed, "torch_rng": torch.get_rng_state()}, state_path)
+        accelerator.wait_for_everyone()
+
+    compiled.train()
+    loss_val = float("nan")
+    val_loss = val_bpb = None
+    bar = tqdm(total=train_cfg.max_steps, initial=step, desc=kind, unit="step", disable=not (progress and main),
+               dynamic_ncols=True)
+    window_t0, window_tokens = time.perf_counter(), 0
+    while step < train_cfg.max_steps:
+        t_step = time.perf_counter()
+        lr = lr_at(step, train_cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=accelerator.device)
+        for micro in range(train_cfg.grad_accum):
+            x, y, *mask = data.batch("train", train_cfg.batch_size, train_cfg.seq_len, step, micro, rank)
+            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            last = micro == train_cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(compiled)
+            with sync:
+                with accelerator.autocast():
+                    _, loss = compiled(x, y, loss_mask=mask[0].to(accelerator.device) if mask else None)
+                accelerator.backward(loss / train_cfg.grad_accum)
+            total += loss.detach() / train_cfg.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(compiled.parameters(), train_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        elapsed += time.perf_counter() - t_step
+
+        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+            loss_val = accelerator.reduce(total, reduction="mean").item()
+            dt = time.perf_counter() - window_t0
+            tok_s = window_tokens / dt
+            record = {"step": step, "loss": round(loss_val, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                      "tokens": tokens_seen, "tok_per_s": round(tok_s, 1), "mfu": round(tok_s * fpt / peak, 4),
+                      "elapsed": round(elapsed, 2)}
+            window_t0, window_tokens = time.perf_counter(), 0
+            if main:
+                _append_jsonl(metrics_path, record)
+                bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+                if on_log:
+                    on_log(record)
+        if step % train_cfg.eval_every == 0 or step == train_cfg.max_steps:
+            val_loss = evaluate_loss(compiled, data, train_cfg, accelerator, rank)
+            val_bpb = val_loss / math.log(2) * data.tokens_per_byte
+            if main:
+                _append_jsonl(metrics_path, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(val_bpb, 6)})
+                bar.write(f"step {step}: val loss {val_loss:.4f}, val bits/byte {val_bpb:.4f}")
+            window_t0 = time.perf_counter()  # evaluation time is not training throughput
+        if step % train_cfg.checkpoint_every == 0 or step == train_cfg.max_steps:
+            save(step)
+            window_t0 = time.perf_counter()
+        bar.update(1)
+    bar.close()
+    accelerator.end_training()
+    return TrainResult(step=step, tokens=tokens_seen, seconds=round(elapsed, 2), final_loss=loss_val,
+                       val_loss=val_loss, val_bpb=val_bpb, out_dir=str(out_dir))
