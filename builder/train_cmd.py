@@ -54,14 +54,12 @@ def pretrain(preset: str, overrides: tuple[str, ...], data_dir: Path, tokenizer_
       builder pretrain --preset tiny
       builder pretrain --preset small --set max_steps=3000 --out runs/base
       builder pretrain --preset small --out runs/base --resume
-      accelerate launch --cpu --num_processes 2 $(which builder) pretrain --preset tiny
+      accelerate launch --multi_gpu --num_processes 2 $(which builder) pretrain --preset tiny
     """
-    from accelerate import PartialState
-
     from source.checkpoint import load_model
     from source.token_data import TokenShards, build_token_shards
     from source.tokenizer import Tokenizer
-    from source.train import train
+    from source.train import process_state, train
 
     if not (tokenizer_dir / "tokenizer.model").is_file():
         raise click.ClickException(f"{tokenizer_dir}: no tokenizer.model; run `builder tokenizer train` first")
@@ -72,7 +70,7 @@ def pretrain(preset: str, overrides: tuple[str, ...], data_dir: Path, tokenizer_
         raise click.ClickException(str(exc)) from None
     out_dir = out_dir or Path("runs") / f"pretrain-{preset}"
     token_dir = Path("runs") / "tokens" / f"{data_dir.name}-{tok.sha256[:12]}"
-    state = PartialState()
+    state = process_state()
     try:
         with state.main_process_first():  # one process tokenizes, the others find it cached
             meta = build_token_shards(data_dir, tok, token_dir, progress=state.is_main_process)

@@ -44,7 +44,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    # tables cast to x's dtype so bf16 activations are not promoted to fp32 and copied back
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,178 @@
+"""Standard-library docstrings, harvested with `inspect` over `sys.stdlib_module_names`.
+
+Design choices:
+- The harvest runs in a child interpreter (this file run as a script). Importing ~480 modules has
+  side effects (signal handlers, warnings filters, modules that print or touch the terminal); a
+  child keeps them out of the builder process and its stdout is never our data channel: the
+  records go to a temporary JSON-lines file.
+- `PYTHONHASHSEED=0` in the child so reprs of default values (sets, frozensets) in signatures are
+  the same on every run, and object addresses ("at 0x7f...") are cut: outputs must be
+  byte-identical across rebuilds.
+- GUI, test, interactive and "does something on import" modules are skipped (list below), as are
+  private names and names re-exported from another package (they get their own record there).
+- Deduplicated by docstring text: inherited/shared docs ("Return self==value.") appear once.
+- Text is "qualname(signature)\\n\\ndocstring", the way Sphinx renders an API entry.
+This file imports only the standard library because it runs as a plain script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import json
+import os
+import pkgutil
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_PATH = None  # the running interpreter's standard library
+INSTALL_HINT = "part of Python itself"
+MIN_DOC_CHARS = 15  # shorter docs ("Return state.") teach nothing
+
+SKIP = {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle", "__main__", "lib2to3",
+        "ensurepip", "venv", "test", "pydoc_data", "xxsubtype", "xxlimited", "msilib", "winreg",
+        "winsound", "msvcrt", "nt", "idle", "pty", "tty", "crypt", "nis", "spwd", "ossaudiodev",
+        "curses", "readline", "sqlite3.__main__", "asyncio.__main__", "json.tool", "pip",
+        "setuptools", "_distutils_hack"}
+
+
+def missing(path: str | None) -> str | None:
+    return None  # the standard library is always there
+
+
+def input_files(path: str | None) -> list[Path]:
+    return []  # nothing on disk to hash: the version (Python's) pins the content
+
+
+def version() -> str:
+    return platform.python_version()
+
+
+def records(path: str | None = None, limit: int | None = None) -> Iterator[dict]:
+    """Run the harvest in a child interpreter and yield its records."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(PYTHONHASHSEED="0", PYTHONWARNINGS="ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "docstrings.jsonl"
+        # -P: don't put this folder on sys.path; -s: no user site-packages. Only stdlib is wanted.
+        cmd = [sys.executable, "-P", "-s", __file__, str(out), str(limit or 0)]
+        proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"docstring harvest failed:\n{proc.stderr[-2000:]}")
+        with open(out, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+# ----------------------------------------------------------------------------- child side
+
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def _import(name: str):
+    try:
+        with _quiet():
+            return importlib.import_module(name)
+    except BaseException:  # SystemExit, missing C extensions, platform-only modules
+        return None
+
+
+def module_names() -> list[str]:
+    """Public stdlib modules and their public submodules, in a stable order."""
+    names = []
+    for root in sorted(sys.stdlib_module_names):
+        if root in SKIP or root.startswith("_"):
+            continue
+        mod = _import(root)
+        if mod is None:
+            continue
+        names.append(root)
+        if not hasattr(mod, "__path__"):
+            continue
+        try:
+            with _quiet():
+                subs = [i.name for i in pkgutil.walk_packages(mod.__path__, root + ".", onerror=lambda _: None)]
+        except BaseException:
+            continue
+        for name in sorted(subs):
+            parts = name.split(".")
+            if name in SKIP or any(p.startswith("_") for p in parts[1:]) \
+                    or any(p in ("test", "tests", "testing", "conftest") for p in parts):
+                continue
+            names.append(name)
+    return names
+
+
+def _signature(obj) -> str:
+    try:
+        sig = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return ""
+    # Default values like <Parser object at 0x7f...> differ every run; drop the address.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", sig)
+
+
+def harvest(limit: int = 0) -> list[dict]:
+    recs, seen_docs, seen_names = [], set(), set()
+
+    def add(qual: str, obj, kind: str, module: str) -> None:
+        doc = inspect.getdoc(obj)
+        if not doc or len(doc) < MIN_DOC_CHARS or doc in seen_docs or qual in seen_names:
+            return
+        seen_docs.add(doc)
+        seen_names.add(qual)
+        head = {"module": f"Module {qual}", "class": f"class {qual}{_signature(obj)}"}.get(
+            kind, f"{qual}{_signature(obj)}")
+        recs.append({"id": f"docstring:{qual}", "title": qual, "text": f"{head}\n\n{doc}", "origin": module})
+
+    for mn in module_names():
+        m = _import(mn)
+        if m is None:
+            continue
+        add(mn, m, "module", mn)
+        public = getattr(m, "__all__", None)
+        names = public if isinstance(public, (list, tuple)) else [n for n in dir(m) if not n.startswith("_")]
+        for n in names:
+            try:
+                obj = getattr(m, n)
+            except BaseException:
+                continue
+            home = str(getattr(obj, "__module__", "") or "")
+            if inspect.ismodule(obj) or (home and home.split(".")[0] != mn.split(".")[0]):
+                continue  # re-exported from elsewhere: recorded in its home module
+            if inspect.isclass(obj):
+                add(f"{mn}.{n}", obj, "class", mn)
+                for an, av in vars(obj).items():
+                    if an.startswith("_"):
+                        continue
+                    if isinstance(av, (staticmethod, classmethod)):
+                        av = av.__func__
+                    elif isinstance(av, property):
+                        av = av.fget or av
+                    if callable(av):
+                        add(f"{mn}.{n}.{an}", av, "method", mn)
+            elif callable(obj):
+                add(f"{mn}.{n}", obj, "function", mn)
+        if limit and len(recs) >= limit:
+            break
+    return recs[:limit] if limit else recs
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    out_path, lim = sys.argv[1], int(sys.argv[2])
+    result = harvest(lim)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for r in result:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -1,0 +1,25 @@
+"""Shared fixtures: a small real corpus and a real tokenizer trained on it, built once per session."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory) -> dict[str, Path]:
+    """pydoc topics + a slice of WordNet (when installed) -> Parquet corpus -> BPE tokenizer (vocab 1000)."""
+    from source.corpus.build import build_corpus, iter_texts
+    from source.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("workspace")
+    recipe = root / "recipe.json"
+    recipe.write_text(json.dumps({"name": "tiny", "sources": [
+        {"name": "pydoc-topics", "weight": 1.0, "license": "PSF-2.0"},
+        {"name": "wordnet", "weight": 1.0, "license": "WordNet-3.0"},
+    ]}))
+    data = root / "corpus"
+    build_corpus(recipe, data, limit_per_source=3000, val_fraction=0.05, progress=False)
+    tokenizer = root / "tokenizer"
+    train_tokenizer(iter_texts(data, "train"), tokenizer, vocab_size=1000)
+    return {"root": root, "data": data, "tokenizer": tokenizer}

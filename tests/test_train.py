@@ -1,0 +1,136 @@
+"""Pretraining: the CLI end to end, exact resume after SIGKILL, two-process DDP, the LR schedule."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from builder.cli import main as builder_main
+from source.config import train_config
+from source.train import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def pretrain_args(ws: dict, out: Path, *settings: str) -> list[str]:
+    args = ["pretrain", "--preset", "tiny", "--data", str(ws["data"]), "--tokenizer", str(ws["tokenizer"]),
+            "--out", str(out)]
+    for s in settings:
+        args += ["--set", s]
+    return args
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = train_config("tiny", ["max_steps=100", "warmup_steps=10", "lr=1e-3", "min_lr_ratio=0.1"])
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_pretrain_cli_learns_and_writes_checkpoint(tiny_workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # token shards go to ./runs/tokens
+    out = tmp_path / "run"
+    result = CliRunner().invoke(builder_main, pretrain_args(tiny_workspace, out, "max_steps=60", "eval_every=30",
+                                                            "log_every=5", "checkpoint_every=30"))
+    assert result.exit_code == 0, result.output
+    assert "samples" in result.output and "val bits/byte" in result.output
+    records = read_metrics(out)
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r for r in records if "val_bpb" in r]
+    assert losses[-1] < losses[0] - 1.0, losses  # random init starts near ln(1000) = 6.9
+    assert [r["step"] for r in evals] == [30, 60] and all(0 < r["val_bpb"] < 10 for r in evals)
+    assert all(r["tok_per_s"] > 0 and 0 < r["mfu"] < 1 for r in records if "loss" in r)
+    ckpt = torch.load(out / "model.pth", weights_only=True)
+    assert ckpt["step"] == 60 and ckpt["kind"] == "pretrain" and ckpt["config"]["vocab_size"] == 1000
+    assert (tmp_path / "runs" / "tokens").is_dir()
+    run = json.loads((out / "run.json").read_text())
+    assert run["train"]["max_steps"] == 60 and run["params"] < 1_000_000
+
+
+def test_pretrain_errors_are_clear(tiny_workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(builder_main, ["pretrain", "--tokenizer", str(tmp_path / "nope")])
+    assert r.exit_code != 0 and "run `builder tokenizer train` first" in r.output
+    r = runner.invoke(builder_main, pretrain_args(tiny_workspace, tmp_path / "x", "max_stepz=3"))
+    assert r.exit_code != 0 and "unknown setting 'max_stepz'" in r.output
+    r = runner.invoke(builder_main, pretrain_args(tiny_workspace, tmp_path / "x", "seq_len=4096"))
+    assert r.exit_code != 0 and "exceeds the model's max_seq_len" in r.output
+    r = runner.invoke(builder_main, pretrain_args(tiny_workspace, tmp_path / "x") + ["--resume"])
+    assert r.exit_code != 0 and "nothing to resume" in r.output
+    r = runner.invoke(builder_main, ["pretrain", "--data", str(tmp_path), "--tokenizer", str(tiny_workspace["tokenizer"])])
+    assert r.exit_code != 0 and "run `builder data build` first" in r.output
+
+
+def _builder_cmd(ws: dict, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "builder.cli", *pretrain_args(
+        ws, out, "max_steps=300", "log_every=1", "checkpoint_every=20", "eval_every=1000"), "--no-samples", *extra]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_exactly(tiny_workspace, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    reference = tmp_path / "reference"
+    subprocess.run(_builder_cmd(tiny_workspace, reference), cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_builder_cmd(tiny_workspace, killed), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a checkpoint exists and training has moved past it
+        if (killed / "train_state.pt").exists() and (killed / "metrics.jsonl").exists():
+            steps = [r["step"] for r in read_metrics(killed) if "loss" in r]
+            if steps and steps[-1] >= 45:
+                break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = max(r["step"] for r in read_metrics(killed))
+    assert interrupted_at < 300, "the run finished before it could be killed"
+    resumed_from = torch.load(killed / "train_state.pt", weights_only=True)["step"]
+    assert 20 <= resumed_from < 300 and resumed_from % 20 == 0
+
+    subprocess.run(_builder_cmd(tiny_workspace, killed, "--resume"), cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    ref = {r["step"]: r["loss"] for r in read_metrics(reference) if "loss" in r}
+    got = read_metrics(killed)
+    assert [r["step"] for r in got if "loss" in r] == list(range(1, 301))  # no gaps, no repeats
+    after = {r["step"]: r["loss"] for r in got if "loss" in r and r["step"] > resumed_from}
+    assert after == {s: ref[s] for s in after}  # bit-identical losses after the resume point
+    ref_final = torch.load(reference / "model.pth", weights_only=True)["model"]
+    got_final = torch.load(killed / "model.pth", weights_only=True)["model"]
+    assert all(torch.equal(ref_final[k], got_final[k]) for k in ref_final)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tiny_workspace, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "builder.cli",
+           *pretrain_args(tiny_workspace, out, "max_steps=20", "log_every=5", "eval_every=20", "checkpoint_every=20"),
+           "--no-samples"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["processes"] == 2
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    assert train[0]["tokens"] == 5 * 2 * 8 * 128  # both processes' tokens are counted
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert torch.load(out / "model.pth", weights_only=True)["step"] == 20
