@@ -1,13 +1,14 @@
 """Corpus stage: installed sources -> cleaned, deduplicated, PII-scrubbed Parquet shards.
 
-One module per source, each exposing the same four names, so `build.py` can treat them alike:
+One module per source, each exposing the same names, so `build.py` can treat them alike:
 
-    DEFAULT_PATH   where the source lives when the recipe gives no `path`
-    INSTALL_HINT   what to run when it is missing (printed in the one-line "skipped" message)
-    missing(path)  -> None if usable, else a short reason ("/usr/share/wordnet not found")
-    input_files(path) -> files whose bytes are hashed into the manifest (sorted order)
-    version()      -> Debian/PyPI/Python version string, or None
-    records(path)  -> iterator of dicts with id, title, text, origin (source/license added later)
+    DEFAULT_PATH        where the source lives when the recipe gives no `path`
+    INSTALL_HINT        what to run when it is missing (printed in the one-line "skipped" message)
+    missing(path)       -> None if usable, else a short reason ("/usr/share/wordnet not found")
+    input_files(path)   -> files whose bytes are hashed into the manifest (sorted order)
+    version()           -> Debian/PyPI/Python version string, or None
+    records(path, limit) -> iterator of dicts with id, title, text, origin (source and license
+                           are added by the builder); `limit` is a hint, the builder also cuts
 
 Then the pipeline modules: clean -> dedup (exact, near) -> pii, and `build` which orchestrates and
 writes the manifest. Everything here is library code: no Click, no printing except the one

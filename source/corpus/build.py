@@ -118,7 +118,8 @@ def _read_source(entry: dict, limit: int | None, progress: bool) -> tuple[dict, 
         tqdm.write(f"skipped {name}: {reason} (install: {mod.INSTALL_HINT})", file=sys.stderr)
         return {**info, "status": "skipped", "reason": reason}, []
     files = mod.input_files(path)
-    root = Path(path) if path and Path(path).is_dir() else None
+    base = path or mod.DEFAULT_PATH
+    root = Path(base) if base and Path(base).is_dir() else None  # hash names relative to it
     info.update(version=mod.version(), sha256=sha256_files(files, root) if files else None)
     if info["path"] is None:
         info["path"] = str(files[0]) if files else "sys.stdlib_module_names"
@@ -130,10 +131,15 @@ def _read_source(entry: dict, limit: int | None, progress: bool) -> tuple[dict, 
             bar.update()
     except CorpusError:
         raise
-    except (OSError, ValueError, KeyError, IndexError) as e:  # corrupt or unexpected input files
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:  # corrupt or odd input files
         raise CorpusError(f"{name}: cannot read {info['path']}: {e}") from None
     finally:
         bar.close()
+    if not files:  # harvested, not read from files (docstrings): hash what was harvested instead
+        h = hashlib.sha256()
+        for r in records:
+            h.update(f"{r['id']}\0{r['text']}\0".encode())
+        info["sha256"] = h.hexdigest()
     return info, records
 
 

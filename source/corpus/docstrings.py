@@ -49,7 +49,7 @@ def missing(path: str | None) -> str | None:
 
 
 def input_files(path: str | None) -> list[Path]:
-    return []  # nothing on disk to hash: the version (Python's) pins the content
+    return []  # nothing on disk to hash: the builder hashes the harvested records instead
 
 
 def version() -> str:

@@ -48,7 +48,7 @@ def b64(s: str) -> int:
     return n
 
 
-def entries(index: Path, dz: Path) -> Iterator[tuple[str, int, int]]:
+def entries(index: Path) -> Iterator[tuple[str, int, int]]:
     """(headword, offset, length) in index order."""
     with open(index, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -79,7 +79,7 @@ def records(path: str | None = None, limit: int | None = None) -> Iterator[dict]
     with gzip.open(dz) as f:  # dictzip is gzip with a random-access table we don't need
         data = f.read()
     seen_bodies, seen_ids = set(), {}
-    for headword, off, length in entries(index, dz):
+    for headword, off, length in entries(index):
         if (off, length) in seen_bodies:
             continue
         seen_bodies.add((off, length))

@@ -3,8 +3,8 @@
 Design choices:
 - Split at RST headings (a title line underlined, optionally overlined, with one punctuation
   character repeated); each section keeps its heading, so retrieval can cite "json: Basic Usage".
-- Light RST -> text, the way Sphinx would render it, with regexes rather than docutils (which is
-  not a dependency and chokes on Sphinx-only roles): roles become their text (code roles keep
+- Light RST -> text, the way Sphinx would render it, with regexes rather than docutils (not a
+  dependency, and it knows none of Sphinx's roles and directives): roles become their text (code roles keep
   backticks, like Markdown), API directives become their signature line, admonitions become
   "Note:", "New in version 3.8." ..., and index/toctree/label/comment blocks are dropped.
 - Sections with almost no body (a heading over a table of contents) are skipped.
@@ -81,9 +81,10 @@ def records(path: str | None = None, limit: int | None = None) -> Iterator[dict]
 def _is_heading(lines: list[str], i: int) -> bool:
     """Is lines[i] the underline of a heading whose title is lines[i-1]?"""
     title = lines[i - 1].rstrip() if i > 0 else ""
-    if not UNDERLINE.fullmatch(lines[i]) or not title or title[0].isspace():
+    if not UNDERLINE.fullmatch(lines[i]) or not title.strip() or UNDERLINE.fullmatch(title):
         return False
-    if UNDERLINE.fullmatch(title):
+    overlined = i >= 2 and lines[i - 2].strip() == lines[i].strip()
+    if title[0].isspace() and not overlined:  # only overlined titles may be inset
         return False
     return len(lines[i].rstrip()) >= len(title) - 1  # RST wants the underline as long as the title
 
@@ -136,6 +137,8 @@ def _role(m: re.Match) -> str:
         return f"RFC {text}"
     if role == "pep":
         return f"PEP {text}"
+    if role in ("issue", "gh"):
+        return f"{'bpo' if role == 'issue' else 'gh'}-{text}"
     if role in ("func", "meth", "c:func") and not text.endswith(")"):
         text += "()"
     return f"`{text}`" if role in CODE_ROLES else text
