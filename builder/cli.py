@@ -8,7 +8,11 @@
 import click
 
 from builder.data_cmd import data
+from builder.index_cmd import index
+from builder.models_cmd import models
 from builder.tokenizer_cmd import tokenizer
+from builder.eval_cmd import eval_
+from builder.sft_cmd import sft
 from builder.train_cmd import pretrain
 
 
@@ -28,6 +32,10 @@ def main() -> None:
 main.add_command(data)
 main.add_command(tokenizer)
 main.add_command(pretrain)
+main.add_command(index)
+main.add_command(sft)
+main.add_command(eval_)
+main.add_command(models)
 
 if __name__ == "__main__":
     main()
