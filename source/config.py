@@ -96,6 +96,16 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
                            warmup_steps=2000, eval_every=1000, checkpoint_every=1000, distributed="fsdp"),
 }
 
+# chat fine-tuning: shorter, gentler runs on top of a pretrained model
+SFT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(batch_size=8, seq_len=256, max_steps=100, lr=1e-3, warmup_steps=10, eval_every=50,
+                 eval_batches=4, checkpoint_every=50, log_every=10, weight_decay=0.0),
+    "small": dict(batch_size=16, seq_len=512, max_steps=1500, lr=5e-4, warmup_steps=50, eval_every=250,
+                  eval_batches=16, checkpoint_every=250, log_every=10, weight_decay=0.0),
+    "blueprint-700m": dict(batch_size=8, seq_len=4096, grad_accum=8, max_steps=5000, lr=5e-5, warmup_steps=100,
+                           eval_every=500, checkpoint_every=500, distributed="fsdp", weight_decay=0.0),
+}
+
 
 def _coerce(value: str, current: Any) -> Any:
     if isinstance(current, bool):
@@ -135,10 +145,11 @@ def model_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Mo
     return apply_overrides(ModelConfig(**MODEL_PRESETS[preset]), overrides)
 
 
-def train_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    if preset not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(TRAIN_PRESETS)}")
-    return apply_overrides(TrainConfig(**TRAIN_PRESETS[preset]), overrides)
+def train_config(preset: str, overrides: list[str] | tuple[str, ...] = (), sft: bool = False) -> TrainConfig:
+    presets = SFT_PRESETS if sft else TRAIN_PRESETS
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
+    return apply_overrides(TrainConfig(**presets[preset]), overrides)
 
 
 def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], list[str]]:
@@ -158,5 +169,5 @@ def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], 
     return model_o, train_o
 
 
-__all__ = ["ModelConfig", "TrainConfig", "MODEL_PRESETS", "TRAIN_PRESETS", "model_config", "train_config",
+__all__ = ["ModelConfig", "TrainConfig", "MODEL_PRESETS", "TRAIN_PRESETS", "SFT_PRESETS", "model_config", "train_config",
            "apply_overrides", "split_overrides"]

@@ -27,6 +27,7 @@ import torch
 
 from source.checkpoint import atomic_torch_save, atomic_write_bytes, load_model, save_model
 from source.config import ModelConfig, TrainConfig
+from source.lora import apply_lora, load_lora_state, lora_state_dict, merged_copy
 from source.model import Transformer
 
 
@@ -129,12 +130,13 @@ def evaluate_loss(model: torch.nn.Module, data: BatchSource, cfg: TrainConfig, a
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out_dir: str | Path, *,
           tokenizer_sha256: str, kind: str = "pretrain", resume: bool = False, init_from: str | Path | None = None,
-          metadata: dict | None = None, progress: bool = True,
+          metadata: dict | None = None, progress: bool = True, lora_rank: int = 0, lora_alpha: float = 16.0,
           on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Train `model_cfg` on `data`, writing checkpoints and logs to `out_dir`.
 
     `init_from` starts from another run's `model.pth` (SFT starts from the pretrained model);
-    `resume` continues this folder's own run from `train_state.pt`."""
+    `resume` continues this folder's own run from `train_state.pt`. `lora_rank > 0` trains LoRA
+    adapters on a frozen `init_from` model; the saved `model.pth` has them merged in."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -147,22 +149,27 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, state_path = out_dir / "metrics.jsonl", out_dir / "train_state.pt"
 
+    if resume and not (state_path.is_file() and (out_dir / "model.pth").is_file()):
+        raise FileNotFoundError(f"{out_dir}: nothing to resume (need model.pth and train_state.pt)")
+    if lora_rank and init_from is None:
+        raise ValueError("LoRA fine-tunes an existing model: pass init_from (the base model.pth)")
     torch.manual_seed(train_cfg.seed)
-    if init_from is not None:
+    if resume and not lora_rank:  # LoRA resumes from the frozen base plus the saved adapters
+        model, _ = load_model(out_dir / "model.pth")
+    elif init_from is not None:
         model, _ = load_model(init_from)
-        if asdict(model.cfg) != asdict(model_cfg):
-            model_cfg = model.cfg  # the parent's architecture wins; it is what the weights are
     else:
         model = Transformer(model_cfg)
-    step, tokens_seen, elapsed = 0, 0, 0.0
+    model_cfg = model.cfg  # a parent checkpoint's architecture wins: it is what the weights are
+    if lora_rank:
+        model = apply_lora(model, lora_rank, lora_alpha)
     optimizer = make_optimizer(model, train_cfg)
+    step, tokens_seen, elapsed = 0, 0, 0.0
     if resume:
-        if not state_path.is_file() or not (out_dir / "model.pth").is_file():
-            raise FileNotFoundError(f"{out_dir}: nothing to resume (need model.pth and train_state.pt)")
-        model, _ = load_model(out_dir / "model.pth")
-        optimizer = make_optimizer(model, train_cfg)
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
+        if lora_rank:
+            load_lora_state(model, state["lora"])
         step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
         torch.set_rng_state(state["torch_rng"])
         if main:
@@ -171,28 +178,31 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         metrics_path.unlink()  # a fresh run starts a fresh log
     accelerator.wait_for_everyone()
 
-    n_params = model.num_params()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     compiled = torch.compile(model) if train_cfg.compile else model
     compiled, optimizer = accelerator.prepare(compiled, optimizer)
-    raw_model: Transformer = model
     if main:
         run_info = {"kind": kind, "model": asdict(model_cfg), "train": asdict(train_cfg), "params": n_params,
-                    "processes": world, "device": str(accelerator.device), "tokenizer_sha256": tokenizer_sha256,
-                    **(metadata or {})}
+                    "trainable_params": n_trainable, "lora_rank": lora_rank, "processes": world,
+                    "device": str(accelerator.device), "tokenizer_sha256": tokenizer_sha256, **(metadata or {})}
         atomic_write_bytes(out_dir / "run.json", json.dumps(run_info, indent=2).encode())
 
     peak = measure_peak_flops(torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32)
     fpt = flops_per_token(model_cfg, n_params, train_cfg.seq_len)
-    tokens_per_step = train_cfg.tokens_per_step * world
-    save_meta = dict(metadata or {}, params=n_params)
+    save_meta = dict(metadata or {}, params=sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name))
 
     def save(current_step: int) -> None:
         accelerator.wait_for_everyone()
         if main:
-            save_model(out_dir / "model.pth", raw_model, tokenizer_sha256, kind=kind, step=current_step,
+            weights = merged_copy(model) if lora_rank else model
+            save_model(out_dir / "model.pth", weights, tokenizer_sha256, kind=kind, step=current_step,
                        tokens=tokens_seen, train_config=asdict(train_cfg), **save_meta)
-            atomic_torch_save({"optimizer": optimizer.state_dict(), "step": current_step, "tokens": tokens_seen,
-                               "elapsed": elapsed, "torch_rng": torch.get_rng_state()}, state_path)
+            state = {"optimizer": optimizer.state_dict(), "step": current_step, "tokens": tokens_seen,
+                     "elapsed": elapsed, "torch_rng": torch.get_rng_state()}
+            if lora_rank:
+                state["lora"] = lora_state_dict(model)
+            atomic_torch_save(state, state_path)
         accelerator.wait_for_everyone()
 
     compiled.train()
@@ -207,9 +217,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=accelerator.device)
+        step_tokens = 0
         for micro in range(train_cfg.grad_accum):
             x, y, *mask = data.batch("train", train_cfg.batch_size, train_cfg.seq_len, step, micro, rank)
             x, y = x.to(accelerator.device), y.to(accelerator.device)
+            step_tokens += x.numel()
             last = micro == train_cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(compiled)
             with sync:
@@ -221,8 +233,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
+        tokens_seen += step_tokens * world  # SFT batches are padded to their longest chat, not seq_len
+        window_tokens += step_tokens * world
         elapsed += time.perf_counter() - t_step
 
         if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:

@@ -1,0 +1,85 @@
+"""`builder sft`: chat fine-tuning (full or LoRA) on top of a pretrained checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def answer(model, tokenizer, example: dict, max_new_tokens: int = 80) -> str:
+    """Greedy reply to an example's conversation (its assistant turn, if any, is left out)."""
+    from source.sft_data import to_chat_messages
+
+    prompt = dict(example, messages=[m for m in example["messages"] if m["role"] != "assistant"])
+    ids, _ = tokenizer.encode_chat(to_chat_messages(prompt), add_generation_prompt=True)
+    stops = (tokenizer.special_ids["end"], tokenizer.eos_id)
+    return tokenizer.decode(model.eval().generate(ids, max_new_tokens, stop_ids=stops))
+
+
+@click.command()
+@click.option("--preset", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "blueprint-700m"]),
+              help="Training preset for fine-tuning (SFT_PRESETS in source/config.py).")
+@click.option("--base", "base", required=True, type=click.Path(path_type=Path),
+              help="The pretrained model.pth to start from.")
+@click.option("--data", "data_dir", default="datasets/built/sft", show_default=True, type=click.Path(path_type=Path),
+              help="Folder from `builder sft-data` (train.jsonl, test.jsonl).")
+@click.option("--tokenizer", "tokenizer_dir", default="runs/tokenizer", show_default=True,
+              type=click.Path(path_type=Path), help="Folder from `builder tokenizer train`.")
+@click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path), help="Run folder [default: runs/sft-PRESET].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field.")
+@click.option("--lora", is_flag=True, help="Train LoRA adapters instead of all weights (merged into model.pth).")
+@click.option("--lora-rank", default=16, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--lora-alpha", default=32.0, show_default=True, type=float)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--samples", default=3, show_default=True, help="Held-out questions to answer at the end.")
+def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: Path | None, overrides: tuple[str, ...],
+        lora: bool, lora_rank: int, lora_alpha: float, resume: bool, samples: int) -> None:
+    """Fine-tune a pretrained model to chat; the loss covers assistant tokens only.
+
+    \b
+    Examples:
+      builder sft --preset tiny --base runs/pretrain-tiny/model.pth
+      builder sft --preset small --base runs/base-small/model.pth --lora --lora-rank 16
+      builder sft --preset small --base runs/base-small/model.pth --out runs/sft-small --resume
+    """
+    from source.checkpoint import load_model, read_checkpoint
+    from source.config import ModelConfig, train_config
+    from source.sft_batches import ChatBatches, read_jsonl
+    from source.tokenizer import Tokenizer
+    from source.train import process_state, train
+
+    if not (tokenizer_dir / "tokenizer.model").is_file():
+        raise click.ClickException(f"{tokenizer_dir}: no tokenizer.model; run `builder tokenizer train` first")
+    tok = Tokenizer.load(tokenizer_dir)
+    try:
+        base_ckpt = read_checkpoint(base)
+        if base_ckpt["tokenizer"] != tok.sha256:
+            raise ValueError(f"{base} was trained with tokenizer {base_ckpt['tokenizer'][:12]}, "
+                             f"but {tokenizer_dir} is {tok.sha256[:12]}")
+        tcfg = train_config(preset, list(overrides), sft=True)
+        max_seq = base_ckpt["config"]["max_seq_len"]
+        if tcfg.seq_len > max_seq:
+            raise ValueError(f"seq_len={tcfg.seq_len} exceeds the base model's max_seq_len={max_seq}")
+        data = ChatBatches(data_dir, tok, tcfg.seq_len, seed=tcfg.seed)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    out_dir = out_dir or Path("runs") / f"sft-{preset}"
+    state = process_state()
+    if state.is_main_process:
+        click.echo(f"data: {len(data):,} train chats, {len(data.splits['val']):,} held-out ({data_dir})")
+    result = train(ModelConfig(**base_ckpt["config"]), tcfg, data, out_dir, tokenizer_sha256=tok.sha256,
+                   kind="lora-merged" if lora else "sft", resume=resume, init_from=base,
+                   lora_rank=lora_rank if lora else 0, lora_alpha=lora_alpha,
+                   metadata={"parent_checkpoint": str(base), "preset": preset, "sft_data": str(data_dir),
+                             "base_step": base_ckpt.get("step")})
+    if not state.is_main_process:
+        return
+    click.echo(json.dumps(vars(result)))
+    click.echo(f"checkpoint: {out_dir / 'model.pth'}")
+    if samples:
+        model, _ = load_model(out_dir / "model.pth")
+        for example in read_jsonl(data_dir / "test.jsonl")[:samples]:
+            question = [m for m in example["messages"] if m["role"] == "user"][-1]["content"]
+            click.echo(f"  Q: {question}\n  A: {answer(model, tok, example)}")
