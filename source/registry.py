@@ -1,0 +1,399 @@
+"""The model registry: `models/registry.json` (versions, lineage, metrics, champion) plus one self-contained
+folder per version, `models/versions/vN/{model.pth, tokenizer/, model_info.json, README.md}`.
+
+- ids `v1, v2, ...` come from a `next_id` counter: a removed number is never reused, "v3" is one model forever
+- registry.json is written last, atomically (temp + rename): a failed add leaves it as it was and deletes
+  its folder; a folder left by a killed process has no entry, is ignored, and is cleaned up by the next add
+- `files` hashes the artifacts (model.pth, tokenizer/*) by paths relative to `models/`, so the repo can move;
+  model_info.json and README.md are derived from the entry and rewritten when it changes
+- the champion is explicit (`promote`) or picked by one written rule (`CHAMPION_RULE`), never implied
+- a parent may be a removed version: lineage is history. No locking: one writer at a time
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+FORMAT = "supermix-registry-v1"
+KINDS = ("pretrain", "sft", "lora-merged")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CHAMPION_RULE = ("highest grounded_qa wins; ties, and versions without grounded_qa, are ranked by lowest "
+                 "val_bpb; a version with neither metric is never picked; a full tie keeps the older version")
+_ID = re.compile(r"v([1-9][0-9]*)")
+
+
+class RegistryError(ValueError):
+    """A registry problem a user can act on; the message names the file and the field or version."""
+
+
+def _ckpt():
+    # source.checkpoint pulls in torch (~2 s): imported on first use so `builder models list` stays instant
+    import source.checkpoint as ckpt
+    return ckpt
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _sorted(d: dict) -> dict:
+    return {k: _sorted(v) if isinstance(v, dict) else v for k, v in sorted(d.items())}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _num(x: Any) -> float | None:
+    """A metric as a float; None when absent or not a finite number."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _fmt(x: float | None) -> str:
+    return "none" if x is None else f"{x:.4g}"
+
+
+@dataclass
+class Version:
+    id: str
+    created: str  # ISO 8601 UTC
+    parent: str | None
+    kind: str
+    config: dict
+    params: int
+    tokenizer_sha256: str
+    dataset_manifest_sha256: str | None = None
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    files: list[dict] = field(default_factory=list)  # [{path (relative to models/), bytes, sha256}]
+    notes: str = ""
+
+    @property
+    def number(self) -> int:
+        return int(self.id[1:])
+
+    def metric(self, name: str) -> float | None:
+        return _num(self.metrics.get(name))
+
+    def to_dict(self) -> dict:
+        return {k: _sorted(v) if isinstance(v, dict) else v for k, v in asdict(self).items()}
+
+
+_FIELDS = {f.name for f in fields(Version)}
+_REQUIRED = ("id", "created", "parent", "kind", "config", "params", "tokenizer_sha256", "files")
+_TYPES = {"created": str, "parent": (str, type(None)), "kind": str, "config": dict, "params": int,
+          "tokenizer_sha256": str, "dataset_manifest_sha256": (str, type(None)), "training": dict,
+          "metrics": dict, "files": list, "notes": str}
+
+
+class Registry:
+    """`Registry("models")`: every call reads registry.json afresh; every change rewrites it."""
+
+    def __init__(self, root: str | os.PathLike = "models") -> None:
+        self.root, self.path = Path(root), Path(root) / "registry.json"
+
+    def load(self) -> dict:
+        """The validated registry {champion, champion_reason, next_id, versions: [Version]}; no file = empty."""
+        if not self.path.exists():
+            return {"champion": None, "champion_reason": None, "next_id": 1, "versions": []}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{self.path}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                                f"{exc.msg})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{self.path}: cannot read ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise RegistryError(f"{self.path}: field 'format' is {found!r}, expected {FORMAT!r}")
+        if not isinstance(data.get("versions"), list):
+            raise RegistryError(f"{self.path}: field 'versions' must be a list")
+        versions = [self._parse_version(i, raw) for i, raw in enumerate(data["versions"])]
+        ids = [v.id for v in versions]
+        if dup := sorted({i for i in ids if ids.count(i) > 1}):
+            raise RegistryError(f"{self.path}: duplicate version id(s) {', '.join(dup)}")
+        champion = data.get("champion")
+        if champion is not None and champion not in ids:
+            raise RegistryError(f"{self.path}: field 'champion' is {champion!r}, which is not in the registry")
+        next_id = data.get("next_id", 1)
+        if not isinstance(next_id, int) or isinstance(next_id, bool) or next_id < 1:
+            raise RegistryError(f"{self.path}: field 'next_id' must be a positive integer, got {next_id!r}")
+        for v in versions:  # a removed parent is fine (history); a number never issued, or a later one, is not
+            if v.parent is not None and not (_ID.fullmatch(v.parent) and int(v.parent[1:]) < v.number):
+                raise RegistryError(f"{self.path}: version {v.id}: parent {v.parent!r} is not an earlier version")
+        return {"champion": champion, "champion_reason": data.get("champion_reason"),
+                "next_id": max([next_id, *(v.number + 1 for v in versions)]), "versions": versions}
+
+    def _parse_version(self, i: int, raw: Any) -> Version:
+        where = f"{self.path}: versions[{i}]" + (f" ({raw['id']})" if isinstance(raw, dict) and "id" in raw else "")
+        if not isinstance(raw, dict):
+            raise RegistryError(f"{where}: expected an object")
+        if missing := [k for k in _REQUIRED if k not in raw]:
+            raise RegistryError(f"{where}: missing field(s) {', '.join(missing)}")
+        if unknown := sorted(set(raw) - _FIELDS):
+            raise RegistryError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        if not isinstance(raw["id"], str) or not _ID.fullmatch(raw["id"]):
+            raise RegistryError(f"{where}: field 'id' must look like 'v1', got {raw['id']!r}")
+        for key, typ in _TYPES.items():
+            if key in raw and (not isinstance(raw[key], typ) or isinstance(raw[key], bool)):
+                raise RegistryError(f"{where}: field {key!r} has the wrong type: {raw[key]!r:.60}")
+        if raw["kind"] not in KINDS:
+            raise RegistryError(f"{where}: field 'kind' is {raw['kind']!r}, expected one of {', '.join(KINDS)}")
+        for j, f in enumerate(raw["files"]):
+            if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("bytes"), int)
+                    and isinstance(f.get("sha256"), str)):
+                raise RegistryError(f"{where}: files[{j}] must be {{path, bytes, sha256}}, got {f!r:.80}")
+        return Version(**raw)
+
+    def versions(self) -> list[Version]:
+        return self.load()["versions"]
+
+    def get(self, ref: str) -> Version:
+        """A version by "v3", "3", "champion" or "latest"."""
+        return self._find(self.load(), ref)
+
+    def _find(self, state: dict, ref: str) -> Version:
+        versions, ref = state["versions"], str(ref).strip().lower()
+        if ref == "champion":
+            if state["champion"] is None:
+                raise RegistryError(f"{self.path}: no champion yet (promote one, or pick one by the rule)")
+            ref = state["champion"]
+        if ref == "latest":
+            if not versions:
+                raise RegistryError(f"{self.path}: the registry has no versions yet")
+            return max(versions, key=lambda v: v.number)
+        vid = ref if ref.startswith("v") else f"v{ref}"
+        if found := [v for v in versions if v.id == vid]:
+            return found[0]
+        known = ", ".join(v.id for v in versions) or "none"
+        raise RegistryError(f"{self.path}: no version {ref!r} (known: {known})")
+
+    def champion(self) -> Version | None:
+        state = self.load()
+        return self._find(state, state["champion"]) if state["champion"] else None
+
+    def lineage(self, ref: str) -> list[str]:
+        """[id, parent, grandparent, ...]; a removed ancestor ends the chain as "vN (removed)"."""
+        state = self.load()
+        by_id = {v.id: v for v in state["versions"]}
+        chain = [self._find(state, ref).id]
+        while chain[-1] in by_id and (parent := by_id[chain[-1]].parent):
+            chain.append(parent)
+        return [c if c in by_id else f"{c} (removed)" for c in chain]
+
+    def strays(self) -> list[Path]:
+        """Folders under versions/ with no registry entry (left by a killed process): ignored; add removes them."""
+        known, folder = {v.id for v in self.versions()}, self.root / "versions"
+        return sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in known) if folder.is_dir() else []
+
+    def _save(self, state: dict) -> None:
+        data = {"format": FORMAT, "champion": state["champion"], "champion_rule": CHAMPION_RULE,
+                "champion_reason": state["champion_reason"], "next_id": state["next_id"],
+                "versions": [v.to_dict() for v in sorted(state["versions"], key=lambda v: v.number)]}
+        _ckpt().atomic_write_bytes(self.path, _json_bytes(data))
+
+    def _write_docs(self, v: Version, folder: Path | None = None) -> None:
+        folder = folder or self.root / "versions" / v.id
+        if folder.is_dir():
+            _ckpt().atomic_write_bytes(folder / "model_info.json", _json_bytes(v.to_dict()))
+            _ckpt().atomic_write_bytes(folder / "README.md", version_readme(v).encode("utf-8"))
+
+    def add(self, checkpoint_path: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, parent: str | None = None,
+            metrics: dict | None = None, training: dict | None = None, notes: str = "",
+            dataset_manifest_sha256: str | None = None) -> Version:
+        """Copy a checkpoint and its tokenizer into versions/vN and register them as vN. Training summary and
+        val_bpb come from the checkpoint and its run folder (`_training_summary`); `training`/`metrics` override."""
+        ck, state, checkpoint_path, tokenizer_dir = _ckpt(), self.load(), Path(checkpoint_path), Path(tokenizer_dir)
+        parent_id = self._find(state, parent).id if parent is not None else None
+        try:
+            ckpt = ck.read_checkpoint(checkpoint_path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise RegistryError(str(exc)) from None
+        if missing := [n for n in TOKENIZER_FILES if not (tokenizer_dir / n).is_file()]:
+            raise RegistryError(f"{tokenizer_dir}: tokenizer folder lacks {', '.join(missing)}")
+        tok_sha = ck.sha256_file(tokenizer_dir / "tokenizer.model")
+        if ckpt["tokenizer"] != tok_sha:
+            raise RegistryError(f"{checkpoint_path}: trained with tokenizer sha256 {ckpt['tokenizer'][:12]}..., but "
+                                f"{tokenizer_dir}/tokenizer.model has {tok_sha[:12]}...: wrong tokenizer folder")
+        if (kind := ckpt.get("kind", "pretrain")) not in KINDS:
+            raise RegistryError(f"{checkpoint_path}: checkpoint kind {kind!r} is not one of {', '.join(KINDS)}")
+        derived, val_bpb = _training_summary(ckpt, checkpoint_path)
+        vid = f"v{state['next_id']}"
+        version = Version(
+            id=vid, created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), parent=parent_id, kind=kind,
+            config=dict(ckpt["config"]), tokenizer_sha256=tok_sha,
+            params=int(ckpt.get("params") or sum(t.numel() for t in ckpt["model"].values())),
+            dataset_manifest_sha256=dataset_manifest_sha256 or ckpt.get("corpus_manifest_sha256"),
+            training={**derived, **(training or {})}, notes=notes,
+            metrics={**({"val_bpb": val_bpb} if val_bpb is not None else {}), **(metrics or {})})
+
+        final, staging = self.root / "versions" / vid, self.root / "versions" / f".staging-{vid}"
+        saved = False
+        try:
+            for stray in self.strays():  # leftovers of killed adds/removes; vN's own folder among them
+                shutil.rmtree(stray)
+            (staging / "tokenizer").mkdir(parents=True)
+            sources = {"model.pth": checkpoint_path, **{f"tokenizer/{n}": tokenizer_dir / n for n in TOKENIZER_FILES}}
+            for rel, src in sources.items():
+                shutil.copyfile(src, staging / rel)
+                version.files.append({"path": f"versions/{vid}/{rel}", "bytes": (staging / rel).stat().st_size,
+                                      "sha256": ck.sha256_file(staging / rel)})
+            ck.read_checkpoint(staging / "model.pth")  # the copy, not just the source, must load
+            self._write_docs(version, staging)
+            os.replace(staging, final)
+            state["versions"].append(version)
+            state["next_id"] += 1
+            self._save(state)  # last: until here the registry does not know vN
+            saved = True
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"adding {checkpoint_path} as {vid} failed, registry unchanged: {exc}") from exc
+        finally:
+            if not saved:
+                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(final, ignore_errors=True)
+        return version
+
+    def set_metrics(self, ref: str, metrics: dict) -> Version:
+        """Merge `metrics` into a version's metrics (evaluation results arrive one stage at a time)."""
+        state = self.load()
+        v = self._find(state, ref)
+        v.metrics = {**v.metrics, **metrics}
+        self._save(state)
+        self._write_docs(v)
+        return v
+
+    def promote(self, ref: str, reason: str = "promoted by hand") -> Version:
+        state = self.load()
+        v = self._find(state, ref)
+        state["champion"], state["champion_reason"] = v.id, reason
+        self._save(state)
+        return v
+
+    def pick_champion(self) -> tuple[str | None, str]:
+        """(id or None, reason) by CHAMPION_RULE. Applies nothing: `promote(id, reason)` does."""
+        versions = self.versions()
+        cands = [v for v in versions if v.metric("grounded_qa") is not None or v.metric("val_bpb") is not None]
+        skipped = [v.id for v in versions if v not in cands]
+        note = f" ({', '.join(skipped)}: no grounded_qa or val_bpb, not considered)" if skipped else ""
+        if not cands:
+            return None, f"no version has grounded_qa or val_bpb; nothing to pick{note}"
+        ranked = sorted(cands, key=lambda v: (v.metric("grounded_qa") is None, -(v.metric("grounded_qa") or 0),
+                                              v.metric("val_bpb") is None, v.metric("val_bpb") or 0, v.number))
+        w, r = ranked[0], ranked[1] if len(ranked) > 1 else None
+        qa, bpb = w.metric("grounded_qa"), w.metric("val_bpb")
+        if r is None:
+            why = f"{w.id} is the only candidate (grounded_qa {_fmt(qa)}, val_bpb {_fmt(bpb)})"
+        elif qa is not None and qa != r.metric("grounded_qa"):
+            why = f"{w.id} has the highest grounded_qa {_fmt(qa)} (next: {r.id} with {_fmt(r.metric('grounded_qa'))})"
+        elif bpb is not None and bpb != r.metric("val_bpb"):
+            tie = "no version has grounded_qa" if qa is None else f"grounded_qa tie at {_fmt(qa)}"
+            why = f"{tie}; {w.id} has the lowest val_bpb {_fmt(bpb)} (next: {r.id} with {_fmt(r.metric('val_bpb'))})"
+        else:
+            why = f"{w.id} and {r.id} tie on grounded_qa and val_bpb; the older version {w.id} is kept"
+        return w.id, why + note
+
+    def remove(self, ref: str, force: bool = False) -> Version:
+        """Delete a version (the champion only with `force`); its number is never reused, children keep it as
+        parent. The folder is renamed aside first, so a failed registry write can put it back."""
+        state = self.load()
+        v = self._find(state, ref)
+        if v.id == state["champion"] and not force:
+            raise RegistryError(f"{v.id} is the champion; promote another version first, or force the removal")
+        folder = self.root / "versions" / v.id
+        trash = folder.with_name(f".removing-{v.id}")
+        if folder.exists():
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(folder, trash)
+        state["versions"] = [x for x in state["versions"] if x.id != v.id]
+        if state["champion"] == v.id:  # forced: no champion until one is promoted or picked
+            state["champion"] = state["champion_reason"] = None
+        try:
+            self._save(state)
+        except BaseException:
+            if trash.exists():
+                os.replace(trash, folder)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+        return v
+
+    def verify(self, ref: str) -> dict[str, str]:
+        """{path: "ok" | problem} for every file of a version, re-hashed from disk."""
+        report = {}
+        for f in self.get(ref).files:
+            p = self.root / f["path"]
+            size = p.stat().st_size if p.is_file() else None
+            report[f["path"]] = ("missing" if size is None else
+                                 f"{size:,} bytes, registry says {f['bytes']:,}" if size != f["bytes"] else
+                                 "sha256 differs from the registry" if _ckpt().sha256_file(p) != f["sha256"] else "ok")
+        return report
+
+    def diff(self, a: str, b: str) -> dict:
+        """What changed from version a to b. config/training/fields: {key: (a, b)}; metrics: {key: (a, b, b - a
+        or None)}; files, by path inside the version folder: {path: "added" | "removed" | "changed"}."""
+        state = self.load()
+        va, vb = self._find(state, a), self._find(state, b)
+        metrics = {k: (x, y, round(_num(y) - _num(x), 10) if _num(x) is not None and _num(y) is not None else None)
+                   for k, (x, y) in _changes(va.metrics, vb.metrics).items()}
+        top = ("kind", "parent", "params", "tokenizer_sha256", "dataset_manifest_sha256", "notes")
+        fa, fb = ({f["path"].split("/", 2)[-1]: f["sha256"] for f in v.files} for v in (va, vb))
+        files = {p: "added" if p not in fa else "removed" if p not in fb else "changed"
+                 for p in sorted(set(fa) | set(fb)) if fa.get(p) != fb.get(p)}
+        return {"a": va.id, "b": vb.id, "config": _changes(va.config, vb.config), "metrics": metrics,
+                "training": _changes(_flatten(va.training), _flatten(vb.training)),
+                "fields": _changes({k: getattr(va, k) for k in top}, {k: getattr(vb, k) for k in top}), "files": files}
+
+
+def _changes(x: dict, y: dict) -> dict:
+    return {k: (x.get(k), y.get(k)) for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)}
+
+
+def _training_summary(ckpt: dict, path: Path) -> tuple[dict, float | None]:
+    """(summary, val_bpb) from the checkpoint's metadata and, when it still sits in the run folder that
+    wrote it, that folder's run.json (hardware) and metrics.jsonl (wall time and val_bpb at the saved step)."""
+    tc, step = ckpt.get("train_config") or {}, ckpt.get("step")
+    s: dict[str, Any] = {"steps": step, "tokens": ckpt.get("tokens"), "preset": ckpt.get("preset")}
+    if tc:
+        g = tc.get
+        s.update(optimizer=f"AdamW lr={g('lr')} betas=({g('beta1')}, {g('beta2')}) wd={g('weight_decay')}",
+                 schedule=f"warmup {g('warmup_steps')} steps, cosine to {g('min_lr_ratio')}x at step {g('max_steps')}",
+                 batch=f"{g('batch_size')} x {g('seq_len')} tokens x {g('grad_accum')} accumulation",
+                 precision=g("precision"), train_config=tc)
+    val_bpb = None
+    try:
+        run = json.loads((path.parent / "run.json").read_text())
+        if run.get("tokenizer_sha256") == ckpt["tokenizer"] and step is not None:
+            s["hardware"] = f"{run.get('device')} x{run.get('processes', 1)}"
+            for line in filter(str.strip, (path.parent / "metrics.jsonl").read_text().splitlines()):
+                if (rec := json.loads(line)).get("step", math.inf) <= step:
+                    s["seconds"] = rec.get("elapsed", s.get("seconds"))
+                    val_bpb = rec.get("val_bpb", val_bpb)
+    except (OSError, ValueError, AttributeError):
+        pass  # a checkpoint copied out of its run folder: its own metadata is all there is
+    return {k: v for k, v in s.items() if v is not None}, _num(val_bpb)
+
+
+def version_readme(v: Version) -> str:
+    """The generated README.md of a version folder."""
+    c, t = v.config, v.training
+    facts = {"parameters": f"{v.params:,}", "parent": v.parent, "architecture":
+             f"{c.get('n_layers')} layers, dim {c.get('dim')}, {c.get('n_heads')} heads ({c.get('n_kv_heads')} kv), "
+             f"vocab {c.get('vocab_size')}, context {c.get('max_seq_len')}",
+             "tokenizer sha256": f"`{v.tokenizer_sha256}`", "dataset manifest sha256": v.dataset_manifest_sha256,
+             **{f"training {k}": t.get(k) for k in ("steps", "tokens", "seconds", "hardware", "precision")},
+             **dict(sorted(v.metrics.items()))}
+    return "\n".join([
+        f"# Supermix {v.id} ({v.kind})", "", f"Registered {v.created}.", "",
+        *(f"- {k}: {val}" for k, val in facts.items() if val is not None), "", *([v.notes, ""] if v.notes else []),
+        "`model.pth` loads with `source.checkpoint.load_model`; `tokenizer/` holds the SentencePiece and Hugging Face",
+        f"tokenizer files; `model_info.json` is the registry entry. Verify them: `builder models info {v.id}`.", ""])
