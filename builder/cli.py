@@ -13,6 +13,7 @@ from builder.models_cmd import models
 from builder.tokenizer_cmd import tokenizer
 from builder.eval_cmd import eval_
 from builder.sft_cmd import sft
+from builder.sft_data_cmd import sft_data
 from builder.train_cmd import pretrain
 
 
@@ -34,6 +35,7 @@ main.add_command(tokenizer)
 main.add_command(pretrain)
 main.add_command(index)
 main.add_command(sft)
+main.add_command(sft_data)
 main.add_command(eval_)
 main.add_command(models)
 

@@ -107,12 +107,13 @@ def grounded_qa(model: Transformer, tokenizer, examples: list[dict], limit: int 
 
 
 def sample_conversations(model: Transformer, tokenizer, index=None, prompts=SAMPLE_PROMPTS, k: int = 3) -> list[dict]:
-    from source.sft_data import to_chat_messages
+    from source.sft_data import prepare_context, to_chat_messages
 
     out = []
     for prompt in prompts:
         t0 = time.perf_counter()
-        passages = [p.to_dict() for p in index.search(prompt, k)] if index is not None else []
+        # clipped exactly like the training contexts
+        passages = prepare_context(index.search(prompt, k)) if index is not None else []
         example = {"messages": [{"role": "user", "content": prompt}], "context": passages}
         answer = reply(model, tokenizer, to_chat_messages(example), max_new_tokens=80)
         out.append({"prompt": prompt, "answer": answer, "sources": [f"{p['id']} ({p['title']})" for p in passages],

@@ -23,3 +23,25 @@ def tiny_workspace(tmp_path_factory) -> dict[str, Path]:
     tokenizer = root / "tokenizer"
     train_tokenizer(iter_texts(data, "train"), tokenizer, vocab_size=1000)
     return {"root": root, "data": data, "tokenizer": tokenizer}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_workspace, tmp_path_factory) -> Path:
+    """A tiny model pretrained for 40 steps on the tiny workspace: the starting point for SFT tests."""
+    import os
+
+    from click.testing import CliRunner
+
+    from builder.cli import main
+
+    root = tmp_path_factory.mktemp("base")
+    cwd = os.getcwd()
+    os.chdir(root)  # token shards go under ./runs
+    try:
+        result = CliRunner().invoke(main, ["pretrain", "--preset", "tiny", "--data", str(tiny_workspace["data"]),
+                                           "--tokenizer", str(tiny_workspace["tokenizer"]), "--out", str(root / "run"),
+                                           "--set", "max_steps=40", "--set", "eval_every=40", "--no-samples"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return root / "run" / "model.pth"

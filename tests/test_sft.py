@@ -1,0 +1,112 @@
+"""Chat fine-tuning: assistant-only loss mask, full and LoRA SFT through the CLI, evaluation report."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from builder.cli import main as builder_main
+from source.checkpoint import load_model
+from source.sft_batches import ChatBatches
+from source.tokenizer import Tokenizer
+
+WORDS = ["zorblax", "quintet", "mellow", "parsec", "lambda", "sieve", "kernel", "tuple", "vector", "socket"]
+
+
+def synthetic_examples(n: int, seed: int) -> list[dict]:
+    """Grounded Q&A in the real example format: the answer copies the passage and cites it."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        word, other = rng.sample(WORDS, 2)
+        fact = f"{word} is a kind of {other} used in example {i}."
+        passages = [{"id": f"doc:{other}#0", "title": other, "source": "user", "text": f"{other} is unrelated."},
+                    {"id": f"doc:{word}#0", "title": word, "source": "user", "text": fact}]
+        rng.shuffle(passages)
+        gold = 1 + [p["title"] for p in passages].index(word)
+        out.append({"messages": [{"role": "user", "content": f"What is {word}?"},
+                                 {"role": "assistant", "content": f"{fact} [{gold}]"}],
+                    "context": passages, "meta": {"kind": "grounded", "entity": word, "source": "user",
+                                                  "gold": f"doc:{word}#0"}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("sft")
+    for name, n, seed in (("train.jsonl", 64, 0), ("test.jsonl", 8, 1)):
+        (d / name).write_text("".join(json.dumps(e) + "\n" for e in synthetic_examples(n, seed)))
+    return d
+
+
+def test_loss_mask_covers_exactly_the_assistant_reply(tiny_workspace, sft_dir):
+    tok = Tokenizer.load(tiny_workspace["tokenizer"])
+    batches = ChatBatches(sft_dir, tok, seq_len=256, seed=0)
+    x, y, mask = batches.batch("train", 4, 256, step=3)
+    assert x.shape == y.shape == mask.shape and torch.equal(x[:, 1:], y[:, :-1])
+    examples = [json.loads(line) for line in (sft_dir / "train.jsonl").read_text().splitlines()]
+    replies = {tuple(tok.encode(e["messages"][-1]["content"]) + [tok.special_ids["end"]]) for e in examples}
+    for row in range(4):
+        supervised = y[row][mask[row].bool()].tolist()
+        assert tuple(supervised) in replies  # the reply and its <|end|>, nothing from system/context/user
+    assert batches.batch("train", 4, 256, step=3)[0].equal(x)  # addressed by step: reproducible
+
+
+def test_sft_full_and_lora_via_cli(tiny_workspace, tiny_base, sft_dir, tmp_path):
+    runner = CliRunner()
+    common = ["--preset", "tiny", "--base", str(tiny_base), "--data", str(sft_dir), "--tokenizer",
+              str(tiny_workspace["tokenizer"]), "--set", "max_steps=30", "--set", "eval_every=15", "--samples", "2"]
+    full = runner.invoke(builder_main, ["sft", *common, "--out", str(tmp_path / "full")])
+    assert full.exit_code == 0, full.output
+    assert "Q: What is" in full.output
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    model, ckpt = load_model(tmp_path / "full" / "model.pth")
+    assert ckpt["kind"] == "sft" and ckpt["step"] == 30
+
+    lora = runner.invoke(builder_main, ["sft", *common, "--out", str(tmp_path / "lora"), "--lora", "--lora-rank", "4"])
+    assert lora.exit_code == 0, lora.output
+    merged, ckpt = load_model(tmp_path / "lora" / "model.pth")
+    base, _ = load_model(tiny_base)
+    assert ckpt["kind"] == "lora-merged" and type(merged).__name__ == "Transformer"
+    assert torch.equal(merged.embed_tokens.weight, base.embed_tokens.weight)  # frozen
+    assert not torch.equal(merged.layers[0].self_attn.q_proj.weight, base.layers[0].self_attn.q_proj.weight)
+    run = json.loads((tmp_path / "lora" / "run.json").read_text())
+    assert 0 < run["trainable_params"] < run["params"] / 5
+
+
+def test_sft_rejects_mismatched_inputs(tiny_workspace, tiny_base, sft_dir, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(builder_main, ["sft", "--base", str(tiny_base), "--data", str(tmp_path), "--tokenizer",
+                                     str(tiny_workspace["tokenizer"])])
+    assert r.exit_code != 0 and "run `builder sft-data` first" in r.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"messages": []}\n{oops\n')
+    (bad / "test.jsonl").write_text("")
+    r = runner.invoke(builder_main, ["sft", "--base", str(tiny_base), "--data", str(bad), "--tokenizer",
+                                     str(tiny_workspace["tokenizer"])])
+    assert r.exit_code != 0 and "train.jsonl:2" in r.output
+
+
+def test_eval_report_and_registry_metrics(tiny_workspace, tiny_base, sft_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    root = tmp_path / "models"
+    added = runner.invoke(builder_main, ["models", "--root", str(root), "add", str(tiny_base), "--tokenizer",
+                                         str(tiny_workspace["tokenizer"])])
+    assert added.exit_code == 0, added.output
+    r = runner.invoke(builder_main, ["eval", "--model", "v1", "--root", str(root), "--data", str(tiny_workspace["data"]),
+                                     "--sft-data", str(sft_dir), "--index", str(tmp_path / "none.sqlite"),
+                                     "--out", str(tmp_path / "eval.json")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 < report["val_bpb"] < 10 and report["n_grounded"] == 8
+    assert 0 <= report["grounded_qa"] <= report["fact_recall_pass"] <= 1
+    assert len(report["samples"]) == 5 and all(isinstance(s["answer"], str) for s in report["samples"])
+    info = json.loads((root / "registry.json").read_text())
+    assert info["versions"][0]["metrics"]["val_bpb"] == pytest.approx(report["val_bpb"])
