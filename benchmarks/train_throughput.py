@@ -2,7 +2,7 @@
 
     python benchmarks/train_throughput.py [--preset small] [--steps 100] [--batch 16] [--seq 256]
 
-Rows, measured one after another in this one process on identical batches:
+Rows, measured in this one process on identical batches, interleaved in chunks of `--chunk` steps:
 - `hf-fp32`: transformers' LlamaForCausalLM (its default fp32), our weights loaded, AdamW
 - `ours-fp32`: our Transformer, fp32
 - `ours-bf16`: our Transformer under bf16 autocast (the default `precision=bf16`)
@@ -49,41 +49,50 @@ def batches(tokens_dir: Path | None, vocab: int, batch: int, seq: int, n: int, s
     return out
 
 
-def run_row(name: str, init_state: dict, cfg, train_b, val_b, warmup: int, bf16: bool, compile_: bool, hf: bool):
-    torch.manual_seed(0)
-    if hf:
-        from transformers import LlamaConfig, LlamaForCausalLM
+class Row:
+    """One contender: its own model and optimizer, advanced a chunk of steps at a time so that rows
+    interleave and any background load falls on all of them alike."""
 
-        fields = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
-        model = LlamaForCausalLM(LlamaConfig(**fields))
-        model.load_state_dict(hf_state_dict_from(init_state, cfg))
-        # the same loss as ours (fp32 upcast + cross-entropy over all T targets); HF's `labels=` path
-        # would shift internally and drop the last target
-        forward = lambda x, y: F.cross_entropy(model(input_ids=x).logits.float().flatten(0, 1), y.flatten())
-    else:
-        model = Transformer(cfg)
-        model.load_state_dict(init_state)
-        fn = torch.compile(model) if compile_ else model
-        forward = lambda x, y: fn(x, y)[1]
-    opt = make_optimizer(model, train_config("small", ["lr=1e-3", "warmup_steps=0"]))
-    model.train()
-    timed_tokens, t0 = 0, None
-    for i, (x, y) in enumerate(train_b):
-        if i == warmup:
-            t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            timed_tokens += x.numel()
-    seconds = time.perf_counter() - t0
-    model.eval()
-    with torch.no_grad():
-        val = sum(float(forward(x, y)) for x, y in val_b) / len(val_b)
-    return {"name": name, "tok_s": timed_tokens / seconds, "val_loss": val, "final_loss": float(loss)}
+    def __init__(self, name: str, init_state: dict, cfg, bf16: bool, compile_: bool, hf: bool):
+        self.name, self.bf16 = name, bf16
+        torch.manual_seed(0)
+        if hf:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            fields = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type", "torch_dtype")}
+            model = LlamaForCausalLM(LlamaConfig(**fields))
+            model.load_state_dict(hf_state_dict_from(init_state, cfg))
+            # the same loss as ours (fp32 upcast + cross-entropy over all T targets); HF's `labels=` path
+            # would shift internally and drop the last target
+            self.forward = lambda x, y: F.cross_entropy(model(input_ids=x).logits.float().flatten(0, 1), y.flatten())
+        else:
+            model = Transformer(cfg)
+            model.load_state_dict(init_state)
+            fn = torch.compile(model) if compile_ else model
+            self.forward = lambda x, y: fn(x, y)[1]
+        self.model = model
+        self.opt = make_optimizer(model, train_config("small", ["lr=1e-3", "warmup_steps=0"]))
+        self.seconds, self.timed_tokens, self.done = 0.0, 0, 0
+
+    def advance(self, batches: list, timed: bool) -> None:
+        self.model.train()
+        t0 = time.perf_counter()
+        for x, y in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.forward(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        if timed:
+            self.seconds += time.perf_counter() - t0
+            self.timed_tokens += sum(x.numel() for x, _ in batches)
+        self.done += len(batches)
+
+    @torch.no_grad()
+    def val_loss(self, val_b: list) -> float:
+        self.model.eval()
+        return sum(float(self.forward(x, y)) for x, y in val_b) / len(val_b)
 
 
 def hf_state_dict_from(state: dict, cfg) -> dict:
@@ -100,6 +109,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--val-batches", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=5, help="steps per row before switching rows")
     ap.add_argument("--tokens", default=None, help="token shard folder (default: the first under runs/tokens)")
     ap.add_argument("--compile", action="store_true", help="add an ours-bf16-compile row")
     args = ap.parse_args()
@@ -119,15 +129,22 @@ def main() -> None:
     fpt = flops_per_token(cfg, n_params, args.seq)
     peak = {False: measure_peak_flops(torch.float32), True: measure_peak_flops(torch.bfloat16)}
 
-    rows = [("hf-fp32", False, False, True), ("ours-fp32", False, False, False), ("ours-bf16", True, False, False)]
+    specs = [("hf-fp32", False, False, True), ("ours-fp32", False, False, False), ("ours-bf16", True, False, False)]
     if args.compile:
-        rows.append(("ours-bf16-compile", True, True, False))
+        specs.append(("ours-bf16-compile", True, True, False))
+    rows = [Row(name, init, cfg, bf16, comp, hf) for name, bf16, comp, hf in specs]
+    for row in rows:
+        row.advance(train_b[:args.warmup], timed=False)
+    for start in range(args.warmup, len(train_b), args.chunk):
+        for row in rows:
+            row.advance(train_b[start:start + args.chunk], timed=True)
+        print(f"  step {min(len(train_b), start + args.chunk) - args.warmup}/{args.steps}: "
+              + ", ".join(f"{r.name} {r.timed_tokens / r.seconds:,.0f} tok/s" for r in rows), flush=True)
     results = []
-    for name, bf16, comp, hf in rows:
-        r = run_row(name, init, cfg, train_b, val_b, args.warmup, bf16, comp, hf)
-        r["mfu"] = r["tok_s"] * fpt / peak[bf16]
-        results.append(r)
-        print(f"  done {name}: {r['tok_s']:,.0f} tok/s", flush=True)
+    for row in rows:
+        tok_s = row.timed_tokens / row.seconds
+        results.append({"name": row.name, "tok_s": tok_s, "val_loss": row.val_loss(val_b),
+                        "mfu": tok_s * fpt / peak[row.bf16]})
 
     base = results[0]["tok_s"]
     fp32_val = results[1]["val_loss"]

@@ -3,6 +3,11 @@
     builder data build            corpus -> Parquet shards + manifest
     builder tokenizer train       SentencePiece BPE + tokenizer.json
     builder pretrain              pretraining loop (Accelerate)
+    builder index build           retrieval passages in SQLite FTS5
+    builder sft-data              chat examples grounded in retrieved passages
+    builder sft                   chat fine-tuning (full or LoRA)
+    builder eval                  bits-per-byte, grounded QA, refusals, samples
+    builder models ...            versioned registry and the champion
 """
 
 import click
@@ -20,13 +25,19 @@ from builder.train_cmd import pretrain
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="supermix")
 def main() -> None:
-    """Build the corpus, train the tokenizer and the model, and (soon) evaluate, export and release.
+    """Build the corpus, train the tokenizer and the model, fine-tune it to chat, evaluate it and
+    keep a versioned registry with a champion.
 
     \b
-    A first run on the embedded default, smallest model:
+    The pipeline on the embedded default, smallest model:
       builder data build
       builder tokenizer train
       builder pretrain --preset tiny
+      builder index build
+      builder sft-data
+      builder sft --preset tiny --base runs/pretrain-tiny/model.pth
+      builder eval --model runs/sft-tiny/model.pth
+      builder models add runs/sft-tiny/model.pth --tokenizer runs/tokenizer
     """
 
 
