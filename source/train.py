@@ -62,14 +62,18 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     return 6 * n_params + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
-def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
-    """Dense matmul throughput of this machine right now: the denominator of MFU."""
+def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 8, trials: int = 3) -> float:
+    """Dense matmul throughput of this machine: the denominator of MFU. Best of a few trials, so a
+    momentary background load does not deflate it (and inflate MFU)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * size**3 * repeats / (time.perf_counter() - t0))
+    return best
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
