@@ -1,0 +1,165 @@
+"""Decode speed at batch 1: our TorchBackend vs Hugging Face `LlamaForCausalLM.generate()`, same weights.
+
+    python benchmarks/decode.py [--checkpoint runs/base-small/model.pth] [--preset small]
+                                [--prompt-tokens 64] [--new-tokens 128] [--threads 1] [--compile]
+
+Rows, measured one after another in this one process, on the same prompt:
+- `hf-generate`: transformers' LlamaForCausalLM (fp32, its default sdpa attention), our weights
+  converted with `source.model.hf_state_dict`/`hf_config_dict`, greedy, `min_new_tokens` = `max_new_tokens`
+- `ours-fp32`, `ours-bf16`, `ours-int8`: `TorchBackend` prefill + one `decode` per token, greedy through
+  `sample_next` (the chat engine's own loop minus detokenizing); `--compile` adds `+compile` rows
+Each row: tokens/s over the whole generation (prompt prefill + new tokens, the median of `--repeats`
+timed runs after one warm-up), ms per token, the ratio to hf-generate, and how many of the new tokens
+equal HF's greedy tokens (fp32 must match all; bf16/int8 drift by design). Target: ours >= 10x HF.
+Weights: `--checkpoint` (default runs/base-small/model.pth when it exists), else a random `--preset`
+init (speed does not depend on the weights). The load average is printed: numbers taken while
+something else runs (a training job) are low and noisy, and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from anywhere
+
+from runtime_python.backends import TorchBackend, default_tokenizer_dir  # noqa: E402
+from runtime_python.generation import GenerationConfig, sample_next  # noqa: E402
+from source.checkpoint import load_model  # noqa: E402
+from source.config import model_config  # noqa: E402
+from source.model import Transformer, hf_config_dict, hf_state_dict  # noqa: E402
+from source.tokenizer import Tokenizer  # noqa: E402
+
+GREEDY = GenerationConfig(temperature=0.0)
+PROMPT_TEXT = ("Serialize obj as a JSON formatted stream to fp (a .write()-supporting file-like object). "
+               "If skipkeys is true then dict keys that are not basic types will be skipped instead of "
+               "raising a TypeError. If ensure_ascii is false, the output may contain non-ASCII characters. ")
+
+
+def load(args) -> tuple[Transformer, Tokenizer | None, str]:
+    ckpt = Path(args.checkpoint) if args.checkpoint else Path("runs/base-small/model.pth")
+    if ckpt.is_file():
+        model, _ = load_model(ckpt)
+        try:
+            tok = Tokenizer.load(default_tokenizer_dir(ckpt))
+        except FileNotFoundError:
+            tok = None
+        return model, tok, str(ckpt)
+    if args.checkpoint:
+        raise SystemExit(f"{ckpt}: not found")
+    torch.manual_seed(0)
+    return Transformer(model_config(args.preset)), None, f"random init, preset {args.preset}"
+
+
+def prompt_ids(tok: Tokenizer | None, vocab: int, n: int) -> list[int]:
+    if tok is not None:
+        ids = tok.encode(PROMPT_TEXT * (1 + n // 20))
+        return [tok.bos_id] + ids[:n - 1]
+    return torch.randint(8, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+@torch.inference_mode()  # the backend's logits are inference tensors: editable in place only in here
+def ours(backend: TorchBackend, prompt: list[int], n: int, eos: int) -> list[int]:
+    out: list[int] = []
+    logits = backend.prefill(prompt)
+    for i in range(n):
+        logits[eos] = float("-inf")  # as HF's min_new_tokens does, so both runs stay comparable
+        out.append(sample_next(logits, GREEDY, out))
+        if i + 1 < n:
+            logits = backend.decode(out[-1])
+    return out
+
+
+def hf_model(model: Transformer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    skip = ("architectures", "model_type", "torch_dtype")
+    fields = {k: v for k, v in hf_config_dict(model.cfg).items() if k not in skip}
+    hf = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    hf.load_state_dict(hf_state_dict(model))
+    hf.generation_config.pad_token_id = hf.generation_config.eos_token_id
+    return hf
+
+
+def timed(fn, repeats: int) -> tuple[float, list[int]]:
+    fn()  # warm-up (and, with --compile, the compilation)
+    times, out = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for every row")
+    ap.add_argument("--dtypes", default="fp32,bf16,int8")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile rows (slow to compile)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok, origin = load(args)
+    model.eval()
+    prompt = prompt_ids(tok, model.cfg.vocab_size, args.prompt_tokens)
+    n, eos = args.new_tokens, 2
+    load_before = os.getloadavg()[0]
+    print(f"weights: {origin} ({model.num_params() / 1e6:.1f}M params); prompt {len(prompt)} tokens, "
+          f"{n} new tokens, greedy, batch 1; torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    rows = []
+    hf = hf_model(model)
+    x = torch.tensor([prompt])
+
+    def hf_run() -> list[int]:
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[0, len(prompt):].tolist()
+
+    hf_s, hf_tokens = timed(hf_run, args.repeats)
+    rows.append(("hf-generate", "fp32", hf_s, hf_tokens, None))
+    del hf
+    variants = [(d, False) for d in args.dtypes.split(",")] + ([(d, True) for d in args.dtypes.split(",")]
+                                                               if args.compile else [])
+    for dtype, compiled in variants:
+        name = f"ours-{dtype}" + ("+compile" if compiled else "")
+        try:
+            backend = TorchBackend(model, tok, dtype=dtype, compile=compiled)
+            t0 = time.perf_counter()
+            backend.prefill(prompt)
+            backend.decode(prompt[-1])  # the first decode compiles
+            first = time.perf_counter() - t0
+            s, tokens = timed(lambda: ours(backend, prompt, n, eos), args.repeats)
+        except Exception as e:  # e.g. no C++ compiler for inductor, or no int8 kernel on this CPU
+            print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        rows.append((name, dtype, s, tokens, first if compiled else None))
+        backend.release()
+
+    print()
+    print("| engine | weights | tok/s | ms/token | vs hf-generate | tokens equal to HF |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, dtype, s, tokens, first in rows:
+        same = next((i for i, (a, b) in enumerate(zip(tokens, hf_tokens)) if a != b), len(tokens))
+        note = f" (compile {first:.0f} s)" if first else ""
+        print(f"| {name}{note} | {dtype} | {n / s:.0f} | {s / n * 1e3:.2f} | {hf_s / s:.1f}x | {same}/{n} |")
+    load_after = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
+    print(f"\nload average {load_before:.1f} before, {load_after:.1f} after, {cores} cores", end="")
+    busy = max(load_before, load_after) > cores / 2
+    print(": BUSY machine, numbers are low and noisy; re-run on a quiet one." if busy else ": quiet machine.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Backends: the three calls a chat loop needs from a model (prefill, decode, release).
+
+Design choices:
+- `ChatBackend` is a Protocol, not a base class: the chat code needs `prefill(ids)` (reset the
+  cache, run the prompt, last-position logits), `decode(id)` (one token in, logits out) and
+  `release()`, plus `name`, `tokenizer` and `max_seq_len`. A backend holds ONE KV cache, so it
+  serves one conversation at a time; callers serialise (the server runs one job at a time).
+- `TorchBackend` runs the `.pth` weights with its own lean forward instead of calling
+  `Transformer.forward` per token. Decoding a model this small is bound by Python/dispatch
+  overhead and by streaming the weights from memory (measured here: ~5 ms of a 5.6 ms step was
+  matmuls reading 32 MB of fp32 weights), so the step is built to do as little as possible:
+  q|k|v and gate|up fused into one matmul each; the softmax scale folded into the q weights;
+  RoPE for all heads of a layer as one small matmul with a per-step (head_dim x head_dim) rotation
+  matrix, built once per step and shared by all layers; single-token attention as two batched
+  matmuls over the grouped heads (cheaper here than SDPA's kernel setup); logits for the last
+  position only; the input id tensor and the `KVCache` preallocated, written in place; all under
+  `torch.inference_mode()`. The result equals `Transformer.forward` (tested) — the model's own
+  modules are only the source of the weights.
+- dtypes: "fp32" (default; the reference numerics), "bf16" (bf16 weights and matmul inputs; the
+  residual stream and norms stay fp32 as under the bf16 autocast the model trained with; on CPU
+  the weights are pre-packed for oneDNN, whose bf16 kernels beat plain `F.linear` ~2x here),
+  and "int8" (CPU only: weight-only int8 with one scale per output row, bf16 matmul inputs,
+  `torch._weight_int8pack_mm`; a quarter of the fp32 weight bytes, small logit error, not exact).
+- `compile=True` wraps the single-token step in `torch.compile` (position kept symbolic, so it
+  compiles once, on the first decode: 7-20 s here). Measured on this 2-core CPU while a training
+  run shared it: no reliable gain (int8 +25% in one run; every dtype slower in another), so it is
+  off by default; `benchmarks/decode.py --compile` re-measures it on a quiet machine.
+- Tokenizer check: a checkpoint records the sha256 of its tokenizer.model; loading it with another
+  tokenizer raises a ValueError that names both, instead of generating garbage.
+- OnnxBackend: not here yet. The export issue adds it to this module: an onnxruntime session over
+  an exported folder's `onnx/model.onnx` (HF names, DESIGN §2), implementing the same Protocol
+  (`prefill` runs input_ids with an empty past, `decode` feeds `present.*` back as `past_key_values.*`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from source.checkpoint import load_model
+from source.model import KVCache, Transformer
+from source.tokenizer import Tokenizer
+
+DTYPES = ("fp32", "bf16", "int8")
+DEVICES = ("cpu", "cuda", "mps", "auto")
+DEFAULT_TOKENIZER_DIR = Path("runs/tokenizer")
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    name: str
+    tokenizer: Tokenizer
+    max_seq_len: int
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Reset the cache, run the prompt; fp32 logits of its last position, shape (vocab,).
+        (TorchBackend returns inference tensors: copy them before editing in place outside
+        `torch.inference_mode()`; `sample_next` never edits them.)"""
+        ...
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        """Append one token; fp32 logits for the next one, shape (vocab,)."""
+        ...
+
+    def release(self) -> None:
+        """Free the weights and the cache; the backend is unusable afterwards."""
+        ...
+
+
+# ----------------------------------------------------------------------------- resolving a model
+
+def default_tokenizer_dir(model_path: str | Path) -> Path:
+    """`tokenizer/` beside the .pth (registry versions have one), else runs/tokenizer."""
+    beside = Path(model_path).parent / "tokenizer"
+    if (beside / "tokenizer.model").is_file():
+        return beside
+    if (DEFAULT_TOKENIZER_DIR / "tokenizer.model").is_file():
+        return DEFAULT_TOKENIZER_DIR
+    raise FileNotFoundError(f"no tokenizer for {model_path}: neither {beside}/ nor {DEFAULT_TOKENIZER_DIR}/ holds a "
+                            "tokenizer.model; pass the tokenizer folder the model was trained with (--tokenizer DIR)")
+
+
+def resolve_model(spec: str | None, models_root: str | Path = "models") -> tuple[Path, Path]:
+    """(model.pth, tokenizer dir) for None (the registry's champion), a registry reference ("v3",
+    "3", "champion", "latest") or a path to a .pth (or to a folder holding model.pth)."""
+    from source.registry import Registry  # light: no torch import
+
+    registry = Registry(models_root)
+    ref = None if spec is None else str(spec).strip()
+    is_ref = ref is None or ref.lower() in ("champion", "latest") or bool(re.fullmatch(r"[vV]?\d+", ref))
+    if is_ref and not (ref is not None and Path(ref).exists()):
+        if ref is None or ref.lower() == "champion":
+            version = registry.champion()
+            if version is None:
+                raise FileNotFoundError(f"no champion in {registry.path}; train one or pass --model PATH")
+        else:
+            version = registry.get(ref)  # RegistryError (a ValueError) names the known versions
+        folder = registry.root / "versions" / version.id
+        model, tokenizer = folder / "model.pth", folder / "tokenizer"
+        for path in (model, tokenizer / "tokenizer.model"):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing although {registry.path} lists {version.id}; "
+                                        f"check it with `builder models info {version.id}`")
+        return model, tokenizer
+    path = Path(ref)
+    if path.is_dir():
+        path = path / "model.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"model {ref!r} not found: pass a .pth file or a registry version "
+                                "(v3, champion, latest)")
+    return path, default_tokenizer_dir(path)
+
+
+def pick_device(device: str) -> torch.device:
+    kind = device.split(":")[0]
+    if kind not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU (try --device cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for, but torch sees no Apple GPU (try --device cpu)")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------- linear kernels
+
+def _dense(w: torch.Tensor) -> tuple[torch.Tensor, Callable]:
+    return w, F.linear
+
+
+def _onednn_bf16(w: torch.Tensor) -> tuple[torch.Tensor, Callable]:
+    """A bf16 weight pre-packed for oneDNN (what inductor's freezing does); dense F.linear if the
+    op is missing or disagrees."""
+    w = w.to(torch.bfloat16).contiguous()
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+
+        def linear(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "")
+
+        probe = torch.randn(3, w.shape[1], dtype=torch.bfloat16)
+        if torch.allclose(linear(probe, packed).float(), F.linear(probe, w).float(), atol=1e-2, rtol=1e-2):
+            return packed, linear
+    except (AttributeError, RuntimeError):
+        pass
+    return w, F.linear
+
+
+def _int8(w: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Callable]:
+    """Symmetric per-output-row int8: w ~= q * scale[:, None]. Activations must be bf16: the kernel's
+    fp32-activation path measured 12x slower here (290 us vs 24 us for 1408x256)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    scale = scale.to(torch.bfloat16)
+
+    def linear(x: torch.Tensor, p: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), p[0], p[1]).view(*x.shape[:-1], -1)
+
+    return (q, scale), linear
+
+
+# ----------------------------------------------------------------------------- the torch backend
+
+class TorchBackend(ChatBackend):
+    """A `Transformer` behind the ChatBackend protocol, with a preallocated KV cache (batch 1)."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, name: str = "supermix",
+                 dtype: str = "fp32", compile: bool = False) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        cfg, device = model.cfg, model.embed_tokens.weight.device
+        if dtype == "int8" and device.type != "cpu":
+            raise ValueError(f"dtype 'int8' runs on the CPU only (device is {device.type}); use bf16 or fp32")
+        # no reference to `model` is kept: its per-layer weights were re-laid out (fused) below, so
+        # the originals can be freed when the caller drops the model (load() does)
+        self.cfg, self.tokenizer, self.name = cfg, tokenizer, name
+        self.device, self.dtype, self.max_seq_len = device, dtype, cfg.max_seq_len
+        self.params = model.num_params()
+        # the dtype of the weight matmuls' inputs; the residual stream, norms, RoPE, attention and the
+        # cache stay fp32: CPU bf16 bmm on these small shapes measured 7x slower than fp32 (90 vs 12 us)
+        self._act = torch.float32 if dtype == "fp32" else torch.bfloat16
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # pre-packed oneDNN weights are opaque to inductor (it packs its own): plain bf16 under compile
+        onednn = device.type == "cpu" and not compile
+        pack = {"fp32": _dense, "int8": _int8,
+                "bf16": _onednn_bf16 if onednn else (lambda w: _dense(w.to(torch.bfloat16)))}[dtype]
+        with torch.inference_mode():
+            self._layers = []
+            for block in model.layers:
+                a, m = block.self_attn, block.mlp
+                # softmax scale folded into q: RoPE is linear, so rope(s*q) = s*rope(q)
+                qkv = torch.cat([a.q_proj.weight / math.sqrt(hd), a.k_proj.weight, a.v_proj.weight])
+                self._layers.append((block.input_layernorm.weight.float(), pack(qkv), pack(a.o_proj.weight),
+                                     block.post_attention_layernorm.weight.float(),
+                                     pack(torch.cat([m.gate_proj.weight, m.up_proj.weight])), pack(m.down_proj.weight)))
+            self._norm = model.norm.weight.float()
+            self._lm_head = pack(model.lm_head.weight)
+            self._embed = model.embed_tokens.weight.float()
+            self._cos, self._sin = model.rope_cos.float(), model.rope_sin.float()
+            # rotate_half(x) == x @ R: the RoPE of one position is x @ (diag(cos) + R * sin)
+            half = hd // 2
+            self._rot = torch.zeros(hd, hd, device=device)
+            self._rot[torch.arange(half) + half, torch.arange(half)] = -1.0
+            self._rot[torch.arange(half), torch.arange(half) + half] = 1.0
+            self.cache = KVCache(cfg, 1, cfg.max_seq_len, dtype=torch.float32, device=device)
+            self._k = [self.cache.k[i, 0] for i in range(cfg.n_layers)]  # (KV, max_len, hd) views
+            self._v = [self.cache.v[i, 0] for i in range(cfg.n_layers)]
+            self._tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self._pos = 0
+        self._shape = (H, KV, hd, H // KV, cfg.ffn_hidden, cfg.norm_eps)
+        self._step = torch.compile(self._forward, dynamic=True) if compile else self._forward
+
+    @classmethod
+    def load(cls, model_path: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu",
+             dtype: str = "fp32", compile: bool = False, name: str | None = None,
+             threads: int | None = None) -> "TorchBackend":
+        """Load a `.pth` (weights only) with its tokenizer. `threads` sets torch's (process-wide)
+        intra-op thread count; small models often decode faster on one thread."""
+        model_path = Path(model_path)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dev = pick_device(device)
+        tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else default_tokenizer_dir(model_path))
+        model, ckpt = load_model(model_path, dev)
+        if ckpt["tokenizer"] != tokenizer.sha256:
+            raise ValueError(f"{model_path} was trained with tokenizer sha256 {ckpt['tokenizer'][:12]}..., but "
+                             f"{tokenizer.path}/tokenizer.model has {tokenizer.sha256[:12]}...: pass the tokenizer "
+                             "folder it was trained with (--tokenizer DIR)")
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has only "
+                             f"{model.cfg.vocab_size} embeddings")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if name is None:  # "v3" for models/versions/v3/model.pth, "base-small" for runs/base-small/model.pth
+            name = model_path.parent.name if model_path.stem == "model" and model_path.parent.name else model_path.stem
+        return cls(model, tokenizer, name=name, dtype=dtype, compile=compile)
+
+    # -- the protocol
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        if self._layers is None:
+            raise RuntimeError("this backend was released")
+        if not ids:
+            raise ValueError("prefill needs at least one token")
+        if len(ids) > self.max_seq_len:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's window of {self.max_seq_len}")
+        with torch.inference_mode():
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            logits = self._forward(x, 0)  # prompts vary in length: never through the compiled step
+        self._pos = self.cache.length = len(ids)
+        return logits
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        if self._layers is None:
+            raise RuntimeError("this backend was released")
+        if self._pos >= self.max_seq_len:
+            raise ValueError(f"the model's window of {self.max_seq_len} tokens is full")
+        with torch.inference_mode():
+            self._tok.fill_(token_id)  # the preallocated input: no tensor built per token
+            logits = self._step(self._tok, self._pos)
+        self._pos += 1
+        self.cache.length = self._pos
+        return logits
+
+    def release(self) -> None:
+        self._layers = self._lm_head = self._embed = self.cache = self._k = self._v = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- the forward pass
+
+    def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Run `ids` (1, T) from cache position `start` (0 for a prompt, else T == 1); fp32 logits
+        (vocab,) of the last position. Mirrors `Transformer.forward` (see the module docstring)."""
+        H, KV, hd, G, ffn, eps = self._shape
+        T, act, end = ids.shape[1], self._act, start + ids.shape[1]
+        cos, sin = self._cos[start:end], self._sin[start:end]  # (T, hd)
+        rope = torch.diag_embed(cos) + self._rot * sin[:, None, :]  # (T, hd, hd), shared by all layers
+        x = F.embedding(ids, self._embed)  # (1, T, dim) fp32 residual stream
+        dim = (x.shape[-1],)
+        for i, (ln1, (wqkv, lin_qkv), (wo, lin_o), ln2, (wgu, lin_gu), (wd, lin_d)) in enumerate(self._layers):
+            h = F.rms_norm(x, dim, ln1, eps).to(act)
+            qkv = lin_qkv(h, wqkv).view(T, H + 2 * KV, hd).float()
+            qk = torch.bmm(qkv[:, :H + KV], rope)  # RoPE of q and k at once: (T, H + KV, hd)
+            k_cache, v_cache = self._k[i], self._v[i]
+            if T == 1:
+                # narrow(), not [:, start]: keeps `start` symbolic under torch.compile (no recompile per position)
+                k_cache.narrow(1, start, 1).copy_(qk[:, H:].transpose(0, 1))
+                v_cache.narrow(1, start, 1).copy_(qkv[:, H + KV:].transpose(0, 1))
+                q = qk[0, :H].view(KV, G, hd)  # head h reads kv head h // G, as in HF's repeat_kv
+                att = torch.softmax(torch.bmm(q, k_cache.narrow(1, 0, end).transpose(1, 2)), dim=-1)
+                y = torch.bmm(att, v_cache.narrow(1, 0, end)).view(1, 1, H * hd)
+            else:  # a prompt: causal attention over itself (prefill always starts an empty cache)
+                k, v = qk[:, H:].transpose(0, 1), qkv[:, H + KV:].transpose(0, 1)  # (KV, T, hd)
+                k_cache[:, :T], v_cache[:, :T] = k, v
+                y = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1)[None], k[None], v[None], is_causal=True,
+                                                   scale=1.0, enable_gqa=KV != H)
+                y = y[0].transpose(0, 1).reshape(1, T, H * hd)
+            x = x + lin_o(y.to(act), wo)
+            h = F.rms_norm(x, dim, ln2, eps).to(act)
+            gate, up = lin_gu(h, wgu).split(ffn, dim=-1)
+            x = x + lin_d(F.silu(gate) * up, wd)
+        h = F.rms_norm(x[0, -1], dim, self._norm, eps).to(act)
+        w, lin = self._lm_head
+        return lin(h[None], w)[0].float()
