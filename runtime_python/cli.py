@@ -1,16 +1,192 @@
-"""`supermix` console script. The chat/serve commands arrive with the runtime issue."""
+"""`supermix`: chat with a trained model locally, in the terminal, in one shot, or over HTTP.
+
+    supermix chat                 streaming terminal chat with /commands
+    supermix ask "question"       one answer for scripts (--json for machines)
+    supermix serve                web chat page + OpenAI-compatible /v1 API on 127.0.0.1
+
+Design choices:
+- The three verbs share one set of model options (`_model_options`) and one loader (`load_runtime`):
+  the model defaults to the registry champion, the index to datasets/built/index.sqlite; a missing
+  index turns retrieval off with a one-line note instead of failing.
+- Heavy imports (torch, FastAPI) happen inside the commands, so `supermix --help` stays instant.
+- User mistakes (no champion, bad path, bad temperature) are `click.ClickException`s: one line, no
+  traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 import click
 
+DEFAULT_INDEX = Path("datasets/built/index.sqlite")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@dataclass
+class Runtime:
+    backend: Any  # runtime_python.backends.TorchBackend
+    index: Any  # source.retrieval.Index | None
+    note: str | None  # one line for the user, e.g. why retrieval is off
+
+
+def load_runtime(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool,
+                 device: str = "cpu", dtype: str = "fp32") -> Runtime:
+    """Resolve and load the model and (unless disabled) the retrieval index; ClickException on errors."""
+    from runtime_python.backends import TorchBackend, resolve_model
+
+    try:
+        if tokenizer is not None and model is not None and Path(model).exists():
+            model_path = Path(model) / "model.pth" if Path(model).is_dir() else Path(model)
+            tok_dir = tokenizer  # an explicit pair needs no registry
+        else:
+            model_path, tok_dir = resolve_model(model)
+            tok_dir = tokenizer or tok_dir
+        backend = TorchBackend.load(model_path, tok_dir, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+    index, note = None, None
+    if no_retrieval:
+        note = None
+    else:
+        path = index_path or DEFAULT_INDEX
+        if path.is_file():
+            from source.retrieval import Index
+            try:
+                index = Index(path)
+            except ValueError as e:
+                raise click.ClickException(str(e)) from None
+        elif index_path is not None:  # asked for explicitly: a typo should not pass silently
+            raise click.ClickException(f"retrieval index {path} not found: build one with `builder index build`")
+        else:
+            note = f"note: no retrieval index at {path}; answering without sources (`builder index build`)"
+    return Runtime(backend, index, note)
+
+
+def generation_config(temperature: float | None, max_tokens: int | None, **extra: Any):
+    """A validated GenerationConfig from CLI options (None keeps the default)."""
+    from runtime_python.generation import GenerationConfig
+
+    kw = {k: v for k, v in dict(temperature=temperature, max_new_tokens=max_tokens, **extra).items() if v is not None}
+    try:
+        return GenerationConfig(**kw).validate()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _model_options(f: Callable) -> Callable:
+    options = [
+        click.option("--model", "-m", default=None, metavar="VERSION|PATH",
+                     help="Registry version (v3, champion, latest) or a model.pth [default: the champion]."),
+        click.option("--tokenizer", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Tokenizer folder, for a model.pth outside the registry."),
+        click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help=f"Retrieval index [default: {DEFAULT_INDEX} when it exists]."),
+        click.option("--no-retrieval", is_flag=True, help="Answer without looking anything up."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps or auto."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
+                     help="Weights: fp32 (exact), bf16, int8 (CPU only, weight-only)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _generation_options(f: Callable) -> Callable:
+    f = click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+                     help="Longest reply in tokens [default: 256].")(f)
+    return click.option("--temperature", "-t", type=float, default=None,
+                        help="Sampling temperature; 0 = greedy [default: 0.7].")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="supermix")
 def main() -> None:
     """Supermix runtime: chat with a trained model locally.
 
-    The terminal chat (`supermix chat`), one-shot answers (`supermix ask`) and the web/API server
-    (`supermix serve`) are being built; see the project README for the current state.
+    \b
+    Examples:
+      supermix chat                                 # the registry champion, retrieval on
+      supermix chat --model v2 --temperature 0
+      supermix ask "What does json.dumps do?" --json
+      supermix serve --port 8000                    # http://127.0.0.1:8000 and /v1
     """
+
+
+@main.command()
+@_model_options
+@_generation_options
+def chat(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool, device: str,
+         dtype: str, temperature: float | None, max_tokens: int | None) -> None:
+    """Chat in the terminal: streamed replies, citations, /commands (type /help).
+
+    \b
+    Examples:
+      supermix chat
+      supermix chat --model runs/sft-tiny/model.pth --tokenizer runs/tokenizer --no-retrieval
+    Ctrl-C stops a reply; Ctrl-C or Ctrl-D at the prompt leaves.
+    """
+    from runtime_python.terminal import run_chat
+
+    gen = generation_config(temperature, max_tokens)
+    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype)
+    if rt.note:
+        click.echo(click.style(rt.note, dim=True), err=True)
+    run_chat(rt.backend, rt.index, gen)
+
+
+@main.command()
+@click.argument("question")
+@_model_options
+@_generation_options
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"answer", "citations", "model", "tokens_per_second"} as JSON.')
+def ask(question: str, model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool,
+        device: str, dtype: str, temperature: float | None, max_tokens: int | None, as_json: bool) -> None:
+    """Answer one question and exit (for scripts).
+
+    \b
+    Examples:
+      supermix ask "What is a closure?"
+      supermix ask "What does json.dumps do?" --json --temperature 0 | jq .answer
+    """
+    from runtime_python.terminal import ask_once
+
+    gen = generation_config(temperature, max_tokens)
+    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype)
+    if rt.note and not as_json:
+        click.echo(click.style(rt.note, dim=True), err=True)
+    ask_once(rt.backend, rt.index, gen, question, as_json=as_json)
+
+
+@main.command()
+@_model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 exposes the model to your network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait for the model; more get HTTP 503.")
+def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool, device: str,
+          dtype: str, host: str, port: int, max_queue: int) -> None:
+    """Serve the web chat page and an OpenAI-compatible API (/v1/chat/completions).
+
+    \b
+    Examples:
+      supermix serve                                # http://127.0.0.1:8000
+      supermix serve --port 9000 --model v2
+    \b
+    Any OpenAI client works:
+      OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    """
+    from runtime_python.server import create_app, run_server
+
+    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype)
+    if rt.note:
+        click.echo(rt.note, err=True)
+    app = create_app(rt.backend, rt.index, max_queue=max_queue)
+    click.echo(f"supermix: serving {rt.backend.name} on http://{host}:{port}  (API: http://{host}:{port}/v1)")
+    run_server(app, host, port)
 
 
 if __name__ == "__main__":
