@@ -26,6 +26,16 @@ def tiny_workspace(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_index(tiny_workspace, tmp_path_factory) -> Path:
+    """A real FTS5 retrieval index over the tiny workspace's corpus."""
+    from source.retrieval import build_index
+
+    path = tmp_path_factory.mktemp("index") / "index.sqlite"
+    build_index(tiny_workspace["data"], path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tiny_workspace, tmp_path_factory) -> Path:
     """A tiny model pretrained for 40 steps on the tiny workspace: the starting point for SFT tests."""
     import os

@@ -20,17 +20,8 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture(scope="module")
-def index_path(tiny_workspace, tmp_path_factory) -> Path:
-    from source.retrieval import build_index
-
-    path = tmp_path_factory.mktemp("index") / "index.sqlite"
-    build_index(tiny_workspace["data"], path, progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_args(tiny_base, tiny_workspace, index_path) -> list[str]:
-    return ["--model", str(tiny_base), "--tokenizer", str(tiny_workspace["tokenizer"]), "--index", str(index_path)]
+def model_args(tiny_base, tiny_workspace, tiny_index) -> list[str]:
+    return ["--model", str(tiny_base), "--tokenizer", str(tiny_workspace["tokenizer"]), "--index", str(tiny_index)]
 
 
 # The tiny model writes ~1,500 tokens/s here: a reply is over before a Ctrl-C can land. The chat

@@ -51,20 +51,11 @@ class ServerThread:
 
 
 @pytest.fixture(scope="module")
-def index_path(tiny_workspace, tmp_path_factory) -> Path:
-    from source.retrieval import build_index
-
-    path = tmp_path_factory.mktemp("index") / "index.sqlite"
-    build_index(tiny_workspace["data"], path, progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def runtime(tiny_base, tiny_workspace, index_path):
+def runtime(tiny_base, tiny_workspace, tiny_index):
     from runtime_python.backends import TorchBackend
     from source.retrieval import Index
 
-    return TorchBackend.load(tiny_base, tiny_workspace["tokenizer"]), Index(index_path)
+    return TorchBackend.load(tiny_base, tiny_workspace["tokenizer"]), Index(tiny_index)
 
 
 @pytest.fixture(scope="module")

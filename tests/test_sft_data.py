@@ -8,7 +8,6 @@ import json
 import re
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -26,22 +25,13 @@ MAX_TOKENS = 384
 
 
 @pytest.fixture(scope="module")
-def index_path(tiny_workspace, tmp_path_factory) -> Path:
-    from source.retrieval import build_index
-
-    db = tmp_path_factory.mktemp("sft-index") / "index.sqlite"
-    build_index(tiny_workspace["data"], db, progress=False)
-    return db
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_workspace) -> Tokenizer:
     return Tokenizer.load(tiny_workspace["tokenizer"])
 
 
 @pytest.fixture(scope="module")
-def generated(tiny_workspace, index_path, tokenizer):
-    return generate_examples(tiny_workspace["data"], index_path, seed=0, limits=LIMITS, tokenizer=tokenizer,
+def generated(tiny_workspace, tiny_index, tokenizer):
+    return generate_examples(tiny_workspace["data"], tiny_index, seed=0, limits=LIMITS, tokenizer=tokenizer,
                              max_tokens=MAX_TOKENS)
 
 
@@ -107,11 +97,11 @@ def test_test_split_is_by_entity(generated):
     assert not any(is_test_entity(x) for x in train_entities)
 
 
-def test_generation_is_deterministic_and_seeded(tiny_workspace, index_path, tokenizer, generated):
-    again = generate_examples(tiny_workspace["data"], index_path, seed=0, limits=LIMITS, tokenizer=tokenizer,
+def test_generation_is_deterministic_and_seeded(tiny_workspace, tiny_index, tokenizer, generated):
+    again = generate_examples(tiny_workspace["data"], tiny_index, seed=0, limits=LIMITS, tokenizer=tokenizer,
                               max_tokens=MAX_TOKENS)
     assert json.dumps(again) == json.dumps(generated)
-    other = generate_examples(tiny_workspace["data"], index_path, seed=1, limits=LIMITS, tokenizer=tokenizer,
+    other = generate_examples(tiny_workspace["data"], tiny_index, seed=1, limits=LIMITS, tokenizer=tokenizer,
                               max_tokens=MAX_TOKENS)
     assert json.dumps(other) != json.dumps(generated)
     assert all(is_test_entity(e["meta"]["entity"]) for e in other[1])  # the split does not move with the seed
@@ -255,13 +245,13 @@ def test_parse_reply_validates():
     assert normalize_question("What is  X?") == normalize_question("what is x")
 
 
-def test_generate_with_helper_retries_skips_resumes_and_dedups(helper_server, tiny_workspace, index_path,
+def test_generate_with_helper_retries_skips_resumes_and_dedups(helper_server, tiny_workspace, tiny_index,
                                                                tokenizer, tmp_path, monkeypatch):
     srv, url = helper_server
     monkeypatch.setenv(API_KEY_ENV, "sk-test")
     out = tmp_path / "helper.jsonl"
     srv.fail_next = 1  # the very first call gets a 429
-    s1 = generate_with_helper(tiny_workspace["data"], out, url, "m", 6, index_path, backoff=0.01,
+    s1 = generate_with_helper(tiny_workspace["data"], out, url, "m", 6, tiny_index, backoff=0.01,
                               tokenizer=tokenizer, max_tokens=MAX_TOKENS)
     assert s1["written"] == 6 and s1["duplicates"] == 1 and s1["bad_replies"] == 1
     assert s1["bad_reply_attempts"] == 3  # asked three times, then skipped
@@ -277,7 +267,7 @@ def test_generate_with_helper_retries_skips_resumes_and_dedups(helper_server, ti
         assert len(ids) <= MAX_TOKENS
 
     asked_before = len(srv.log)
-    s2 = generate_with_helper(tiny_workspace["data"], out, url, "m", 9, index_path, backoff=0.01)
+    s2 = generate_with_helper(tiny_workspace["data"], out, url, "m", 9, tiny_index, backoff=0.01)
     assert s2["existing"] == 6 and s2["written"] == 3
     done_titles = {e["meta"]["entity"] for e in first}
     assert not done_titles & set(srv.log[asked_before:])  # done items are not asked again
@@ -285,18 +275,18 @@ def test_generate_with_helper_retries_skips_resumes_and_dedups(helper_server, ti
     assert len(lines) == 9 and len({e["meta"]["item"] for e in lines}) == 9
     assert len({normalize_question(e["messages"][0]["content"]) for e in lines}) == 9
     asked = len(srv.log)
-    s3 = generate_with_helper(tiny_workspace["data"], out, url, "m", 9, index_path)
+    s3 = generate_with_helper(tiny_workspace["data"], out, url, "m", 9, tiny_index)
     assert s3["written"] == 0 and len(srv.log) == asked  # already complete: nothing is asked
 
 
 # ----------------------------------------------------------------------------- CLI
 
-def test_cli_end_to_end(helper_server, tiny_workspace, index_path, tmp_path):
+def test_cli_end_to_end(helper_server, tiny_workspace, tiny_index, tmp_path):
     srv, url = helper_server
     mine = tmp_path / "mine.jsonl"
     mine.write_text(json.dumps({"instruction": "Say hi", "output": "Hi!"}) + "\n{oops\n")
     out = tmp_path / "sft"
-    args = ["sft-data", "--data", str(tiny_workspace["data"]), "--index", str(index_path), "--out", str(out),
+    args = ["sft-data", "--data", str(tiny_workspace["data"]), "--index", str(tiny_index), "--out", str(out),
             "--tokenizer", str(tiny_workspace["tokenizer"]), "--limit", "400", "--quiet", "--add", str(mine)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and f"{mine}:2: invalid JSON" in r.output and not out.exists()
@@ -316,5 +306,5 @@ def test_cli_end_to_end(helper_server, tiny_workspace, index_path, tmp_path):
     r = CliRunner().invoke(main, ["sft-data", "--data", str(tiny_workspace["data"]), "--index",
                                   str(tmp_path / "nope.sqlite"), "--out", str(out)])
     assert r.exit_code == 1 and "run `builder index build` first" in r.output
-    r = CliRunner().invoke(main, ["sft-data", "--data", str(tmp_path), "--index", str(index_path)])
+    r = CliRunner().invoke(main, ["sft-data", "--data", str(tmp_path), "--index", str(tiny_index)])
     assert r.exit_code == 1 and "run `builder data build` first" in r.output
