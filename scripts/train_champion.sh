@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The default champion, end to end, the way nanochat's speedrun.sh reads: corpus -> tokenizer -> index ->
+# chat data -> pretrain -> SFT -> registry -> eval -> champion. Every training step is resumable: stop it
+# at any time (Ctrl-C or kill) and run the script again; finished stages are skipped or resumed.
+#   PRETRAIN_STEPS=3000 SFT_STEPS=1500 bash scripts/train_champion.sh
+# On the 2-core reference machine a small-preset step takes ~4 s (batch 16 x 512), so 3000 + 1500 steps
+# is ~5 h: run it in pieces of <= 90 min (timeout 90m bash scripts/train_champion.sh) on an idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PRETRAIN_STEPS="${PRETRAIN_STEPS:-3000}"
+SFT_STEPS="${SFT_STEPS:-1500}"
+BASE=runs/base-small
+SFT=runs/sft-small
+
+[ -f datasets/built/default/manifest.json ] || builder data build
+[ -f runs/tokenizer/tokenizer.model ] || builder tokenizer train
+[ -f datasets/built/index.sqlite ] || builder index build
+[ -f datasets/built/sft/train.jsonl ] || builder sft-data
+
+resume() { [ -f "$1/train_state.pt" ] && echo --resume || true; }
+builder pretrain --preset small --out "$BASE" $(resume "$BASE") --no-samples \
+  --set max_steps="$PRETRAIN_STEPS" --set checkpoint_every=50 --set eval_every=250
+builder sft --preset small --base "$BASE/model.pth" --out "$SFT" $(resume "$SFT") \
+  --set max_steps="$SFT_STEPS" --set lr=1e-3 --set checkpoint_every=50 --set eval_every=250
+
+builder models add "$SFT/model.pth" --tokenizer runs/tokenizer \
+  --notes "small: pretrain $PRETRAIN_STEPS steps, full SFT $SFT_STEPS steps (scripts/train_champion.sh)"
+builder eval --model latest
+builder models champion --auto
