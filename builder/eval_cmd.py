@@ -9,16 +9,10 @@ from pathlib import Path
 import click
 
 
-def resolve_model(spec: str, root: Path) -> tuple[Path, Path | None, str | None]:
-    """A path to a .pth, or a registry version ("v3", "champion"): (pth, tokenizer dir or None, version id)."""
-    path = Path(spec)
-    if path.suffix == ".pth" or path.exists():
-        return path, None, None
-    from source.registry import Registry
-
-    version = Registry(root).get(spec)
-    vdir = root / "versions" / version.id
-    return vdir / "model.pth", vdir / "tokenizer", version.id
+def registry_version(model_path: Path, root: Path) -> str | None:
+    """The registry version a resolved model.pth belongs to (models/versions/vN/model.pth), if any."""
+    folder = model_path.resolve().parent
+    return folder.name if folder.parent == (root / "versions").resolve() else None
 
 
 @click.command("eval")
@@ -46,19 +40,22 @@ def eval_(model_spec: str, tokenizer_dir: Path | None, data_dir: Path, sft_dir: 
       builder eval --model runs/sft-tiny/model.pth
       builder eval --model champion --limit 100
     """
-    from source.checkpoint import atomic_write_bytes, load_model
+    from runtime_python.backends import resolve_model
+    from source.checkpoint import load_model
+    from source.files import atomic_write_bytes
     from source.evaluate import bits_per_byte, grounded_qa, sample_conversations
     from source.sft_batches import read_jsonl
-    from source.token_data import build_token_shards
+    from source.token_data import build_token_shards, default_token_dir
     from source.tokenizer import Tokenizer
 
     try:
-        pth, version_tok, version_id = resolve_model(model_spec, root)
-        tok = Tokenizer.load(tokenizer_dir or version_tok or Path("runs/tokenizer"))
+        pth, model_tok = resolve_model(model_spec, root)
+        version_id = registry_version(pth, root)
+        tok = Tokenizer.load(tokenizer_dir or model_tok)
         model, ckpt = load_model(pth)
         if ckpt["tokenizer"] != tok.sha256:
             raise ValueError(f"{pth} was trained with tokenizer {ckpt['tokenizer'][:12]}, not {tok.sha256[:12]}")
-        token_dir = Path("runs") / "tokens" / f"{data_dir.name}-{tok.sha256[:12]}"
+        token_dir = default_token_dir(data_dir, tok)
         build_token_shards(data_dir, tok, token_dir)
         test_path = sft_dir / "test.jsonl"
         examples = read_jsonl(test_path) if test_path.is_file() else []

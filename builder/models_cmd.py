@@ -160,7 +160,7 @@ def add(ctx: click.Context, checkpoint: Path, tokenizer_dir: Path, parent: str |
       builder models add runs/sft/model.pth --tokenizer runs/tokenizer --parent v1 \\
           --metrics eval.json --notes "SFT on chitchat + docs QA"
     """
-    from source.checkpoint import sha256_file
+    from source.files import sha256_file
 
     metrics = _json_object(metrics_file, "metrics") if metrics_file else None
     with _user_errors():

@@ -57,7 +57,7 @@ def pretrain(preset: str, overrides: tuple[str, ...], data_dir: Path, tokenizer_
       accelerate launch --multi_gpu --num_processes 2 $(which builder) pretrain --preset tiny
     """
     from source.checkpoint import load_model
-    from source.token_data import TokenShards, build_token_shards
+    from source.token_data import TokenShards, build_token_shards, default_token_dir
     from source.tokenizer import Tokenizer
     from source.train import process_state, train
 
@@ -69,7 +69,7 @@ def pretrain(preset: str, overrides: tuple[str, ...], data_dir: Path, tokenizer_
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     out_dir = out_dir or Path("runs") / f"pretrain-{preset}"
-    token_dir = Path("runs") / "tokens" / f"{data_dir.name}-{tok.sha256[:12]}"
+    token_dir = default_token_dir(data_dir, tok)
     state = process_state()
     try:
         with state.main_process_first():  # one process tokenizes, the others find it cached

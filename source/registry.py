@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from source.files import atomic_write_bytes, sha256_file
+
 FORMAT = "supermix-registry-v1"
 KINDS = ("pretrain", "sft", "lora-merged")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -35,7 +37,8 @@ class RegistryError(ValueError):
 
 
 def _ckpt():
-    # source.checkpoint pulls in torch (~2 s): imported on first use so `builder models list` stays instant
+    # source.checkpoint pulls in torch (~2 s): imported on first use so `builder models list` stays instant;
+    # only reading a .pth needs it
     import source.checkpoint as ckpt
     return ckpt
 
@@ -201,13 +204,13 @@ class Registry:
         data = {"format": FORMAT, "champion": state["champion"], "champion_rule": CHAMPION_RULE,
                 "champion_reason": state["champion_reason"], "next_id": state["next_id"],
                 "versions": [v.to_dict() for v in sorted(state["versions"], key=lambda v: v.number)]}
-        _ckpt().atomic_write_bytes(self.path, _json_bytes(data))
+        atomic_write_bytes(self.path, _json_bytes(data))
 
     def _write_docs(self, v: Version, folder: Path | None = None) -> None:
         folder = folder or self.root / "versions" / v.id
         if folder.is_dir():
-            _ckpt().atomic_write_bytes(folder / "model_info.json", _json_bytes(v.to_dict()))
-            _ckpt().atomic_write_bytes(folder / "README.md", version_readme(v).encode("utf-8"))
+            atomic_write_bytes(folder / "model_info.json", _json_bytes(v.to_dict()))
+            atomic_write_bytes(folder / "README.md", version_readme(v).encode("utf-8"))
 
     def add(self, checkpoint_path: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, parent: str | None = None,
             metrics: dict | None = None, training: dict | None = None, notes: str = "",
@@ -222,7 +225,7 @@ class Registry:
             raise RegistryError(str(exc)) from None
         if missing := [n for n in TOKENIZER_FILES if not (tokenizer_dir / n).is_file()]:
             raise RegistryError(f"{tokenizer_dir}: tokenizer folder lacks {', '.join(missing)}")
-        tok_sha = ck.sha256_file(tokenizer_dir / "tokenizer.model")
+        tok_sha = sha256_file(tokenizer_dir / "tokenizer.model")
         if ckpt["tokenizer"] != tok_sha:
             raise RegistryError(f"{checkpoint_path}: trained with tokenizer sha256 {ckpt['tokenizer'][:12]}..., but "
                                 f"{tokenizer_dir}/tokenizer.model has {tok_sha[:12]}...: wrong tokenizer folder")
@@ -248,7 +251,7 @@ class Registry:
             for rel, src in sources.items():
                 shutil.copyfile(src, staging / rel)
                 version.files.append({"path": f"versions/{vid}/{rel}", "bytes": (staging / rel).stat().st_size,
-                                      "sha256": ck.sha256_file(staging / rel)})
+                                      "sha256": sha256_file(staging / rel)})
             ck.read_checkpoint(staging / "model.pth")  # the copy, not just the source, must load
             self._write_docs(version, staging)
             os.replace(staging, final)
@@ -335,7 +338,7 @@ class Registry:
             size = p.stat().st_size if p.is_file() else None
             report[f["path"]] = ("missing" if size is None else
                                  f"{size:,} bytes, registry says {f['bytes']:,}" if size != f["bytes"] else
-                                 "sha256 differs from the registry" if _ckpt().sha256_file(p) != f["sha256"] else "ok")
+                                 "sha256 differs from the registry" if sha256_file(p) != f["sha256"] else "ok")
         return report
 
     def diff(self, a: str, b: str) -> dict:

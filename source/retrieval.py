@@ -26,7 +26,6 @@ Design choices:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from source.corpus.build import iter_records
+from source.files import sha256_file
 
 SCHEMA_VERSION = 1
 TITLE_WEIGHT, TEXT_WEIGHT = 5.0, 1.0
@@ -122,10 +122,6 @@ def chunk_text(text: str, max_chars: int = 600) -> list[str]:
 
 # ----------------------------------------------------------------------------- build
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def build_index(data_dir: str | Path, db_path: str | Path, sources: tuple[str, ...] | None = None,
                 max_chars: int = 600, progress: bool = True) -> dict:
     """Index every record of both splits of a built corpus into `db_path`; return stats.
@@ -186,7 +182,7 @@ def build_index(data_dir: str | Path, db_path: str | Path, sources: tuple[str, .
         con.execute("CREATE INDEX passages_title_key ON passages (title_key, chunk)")
         con.execute("INSERT INTO fts (fts) VALUES ('rebuild')")
         con.execute("INSERT INTO fts (fts) VALUES ('optimize')")  # one b-tree per term: faster queries
-        meta = {"schema_version": SCHEMA_VERSION, "manifest_sha256": _sha256(manifest), "data_dir": str(data),
+        meta = {"schema_version": SCHEMA_VERSION, "manifest_sha256": sha256_file(manifest), "data_dir": str(data),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "max_chars": max_chars,
                 "records": records, "passages": sum(counts.values()), "counts": dict(sorted(counts.items()))}
         con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])

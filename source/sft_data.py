@@ -34,6 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from source.corpus.build import iter_records
+from source.files import atomic_write_bytes
 from source.sft_templates import (QA_BUILDERS, candidates, chitchat_turns, cite, grounded_context,
                                   no_answer_context)
 from source.tokenizer import format_context
@@ -386,7 +387,5 @@ def build_sft_data(data_dir, index_path, out_dir, seed: int = 0, limits: dict | 
                           "shares": {"no_answer": NO_ANSWER_SHARE, "shuffle": SHUFFLE_SHARE,
                                      "followup": FOLLOWUP_SHARE}, "add": [str(p) for p in add]},
              "seconds": round(time.time() - t0, 1)}
-    tmp = out / f".stats.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "stats.json")
+    atomic_write_bytes(out / "stats.json", (json.dumps(stats, indent=2, ensure_ascii=False) + "\n").encode())
     return stats

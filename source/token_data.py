@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from source.checkpoint import atomic_write_bytes, sha256_file
+from source.files import atomic_write_bytes, sha256_file
 
 
 def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
@@ -52,6 +52,11 @@ def tokenize_split(texts: Iterable[str], tokenizer, out_path: Path, progress: bo
             bar.update(len(batch))
     tmp.replace(out_path)
     return {"tokens": n_tokens, "bytes": n_bytes, "documents": n_docs}
+
+
+def default_token_dir(data_dir: str | Path, tokenizer, runs: str | Path = "runs") -> Path:
+    """Where the shards of one (corpus, tokenizer) pair live: one folder per tokenizer hash."""
+    return Path(runs) / "tokens" / f"{Path(data_dir).name}-{tokenizer.sha256[:12]}"
 
 
 def build_token_shards(data_dir: str | Path, tokenizer, out_dir: str | Path, progress: bool = True) -> dict:

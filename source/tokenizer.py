@@ -39,6 +39,8 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from source.files import atomic_write_bytes
+
 CONTROL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 CHAT_ROLES = ["system", "user", "assistant", "context"]
 CHAT_TOKENS = [f"<|{r}|>" for r in CHAT_ROLES] + ["<|end|>"]  # ids 3..7, in this order
@@ -102,12 +104,6 @@ def sample_sentences(texts: Iterable[str], max_chars: int | None, seed: int = 0)
     return [s for _, _, s in sorted(heap, key=lambda item: item[1])]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
 def _json_bytes(obj: object) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -158,7 +154,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
 
     files = export_files(model.getvalue(), model_max_length)
     for name, data in files.items():
-        _atomic_write(out / name, data)
+        atomic_write_bytes(out / name, data)
     return out
 
 

@@ -25,7 +25,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from source.checkpoint import atomic_torch_save, atomic_write_bytes, load_model, save_model
+from source.checkpoint import atomic_torch_save, load_model, save_model
+from source.files import atomic_write_bytes
 from source.config import ModelConfig, TrainConfig
 from source.lora import apply_lora, load_lora_state, lora_state_dict, merged_copy
 from source.model import Transformer

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from source.corpus import (CorpusError, chitchat, clean, dedup, docstrings, foldoc, pii, pydoc_topics,
                            python_docs, sha256_files, user_files, wordnet)
+from source.files import atomic_write_bytes
 
 SOURCES = {"docstrings": docstrings, "pydoc-topics": pydoc_topics, "python-docs": python_docs,
            "wordnet": wordnet, "foldoc": foldoc, "chitchat": chitchat, "user": user_files}
@@ -154,12 +155,6 @@ def _write_parquet(rows: list[dict], path: Path) -> dict:
     return {"file": path.name, "rows": len(rows), "sha256": digest}
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _split(records: list[dict], weights: dict[str, float], val_fraction: float,
            seed: int) -> tuple[list[dict], list[dict]]:
     val = [r for r in records if _unit(seed, "split", r["id"]) < val_fraction]
@@ -257,7 +252,7 @@ def build_corpus(recipe: str | Path, out_dir: str | Path, extra_paths=(), limit_
                    "sources_ok": sum(i["status"] == "ok" for i in infos),
                    "sources_skipped": sum(i["status"] == "skipped" for i in infos)},
     }
-    _write_json(manifest, out / "manifest.json")
+    atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
     return manifest
 
 
