@@ -10,12 +10,11 @@ import click
 
 def answer(model, tokenizer, example: dict, max_new_tokens: int = 80) -> str:
     """Greedy reply to an example's conversation (its assistant turn, if any, is left out)."""
+    from source.evaluate import reply
     from source.sft_data import to_chat_messages
 
     prompt = dict(example, messages=[m for m in example["messages"] if m["role"] != "assistant"])
-    ids, _ = tokenizer.encode_chat(to_chat_messages(prompt), add_generation_prompt=True)
-    stops = (tokenizer.special_ids["end"], tokenizer.eos_id)
-    return tokenizer.decode(model.eval().generate(ids, max_new_tokens, stop_ids=stops))
+    return reply(model, tokenizer, to_chat_messages(prompt), max_new_tokens)
 
 
 @click.command()
