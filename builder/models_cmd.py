@@ -152,7 +152,9 @@ def add(ctx: click.Context, checkpoint: Path, tokenizer_dir: Path, parent: str |
     """Copy CHECKPOINT (a model.pth) and its tokenizer into the registry as the next version vN.
 
     Steps, tokens, hardware, wall time and val_bpb are read from the checkpoint and, when it is still
-    in its run folder, from run.json and metrics.jsonl beside it.
+    in its run folder, from run.json and metrics.jsonl beside it. The version keeps a copy of that
+    metrics.jsonl (training_metrics.jsonl) and, for a fine-tune, of its base run's (pretrain_metrics.jsonl):
+    `builder card` draws the loss curve from them.
 
     \b
     Examples:

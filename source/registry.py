@@ -1,11 +1,11 @@
 """The model registry: `models/registry.json` (versions, lineage, metrics, champion) plus one self-contained
-folder per version, `models/versions/vN/{model.pth, tokenizer/, model_info.json, README.md}`.
+folder per version, `models/versions/vN/{model.pth, tokenizer/, model_info.json, README.md, *_metrics.jsonl}`.
 
 - ids `v1, v2, ...` come from a `next_id` counter: a removed number is never reused, "v3" is one model forever
 - registry.json is written last, atomically (temp + rename): a failed add leaves it as it was and deletes
   its folder; a folder left by a killed process has no entry, is ignored, and is cleaned up by the next add
-- `files` hashes the artifacts (model.pth, tokenizer/*) by paths relative to `models/`, so the repo can move;
-  model_info.json and README.md are derived from the entry and rewritten when it changes
+- `files` hashes the artifacts (model.pth, tokenizer/*, training logs: source.run_logs) by paths relative to
+  `models/`, so the repo can move; model_info.json and README.md are derived from the entry
 - the champion is explicit (`promote`) or picked by one written rule (`CHAMPION_RULE`), never implied
 - a parent may be a removed version: lineage is history. No locking: one writer at a time
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from source.files import atomic_write_bytes, sha256_file
+from source.run_logs import run_logs
 
 FORMAT = "supermix-registry-v1"
 KINDS = ("pretrain", "sft", "lora-merged")
@@ -248,8 +249,12 @@ class Registry:
                 shutil.rmtree(stray)
             (staging / "tokenizer").mkdir(parents=True)
             sources = {"model.pth": checkpoint_path, **{f"tokenizer/{n}": tokenizer_dir / n for n in TOKENIZER_FILES}}
-            for rel, src in sources.items():
-                shutil.copyfile(src, staging / rel)
+            logs = run_logs(ckpt, checkpoint_path)  # runs/ is not in git: keep what the card's loss curve needs
+            for rel, src in {**sources, **logs}.items():
+                if rel in logs:
+                    atomic_write_bytes(staging / rel, src)
+                else:
+                    shutil.copyfile(src, staging / rel)
                 version.files.append({"path": f"versions/{vid}/{rel}", "bytes": (staging / rel).stat().st_size,
                                       "sha256": sha256_file(staging / rel)})
             ck.read_checkpoint(staging / "model.pth")  # the copy, not just the source, must load

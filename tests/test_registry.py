@@ -333,3 +333,31 @@ def test_cli_add_list_info_promote_champion_diff_remove(tmp_path, ckpts, tok_dir
     assert "no versions" in run("list")
     assert "added v3" in run("add", str(ckpts[0]), "--tokenizer", str(tok_dir))
     assert "builder models list" in runner.invoke(main, ["models", "--help"]).output
+
+
+def test_add_keeps_the_training_logs_of_the_run_and_of_its_base_run(tmp_path, tiny_base, tok_dir):
+    """runs/ is not in git: the version folder keeps the loss logs the model card plots."""
+    sft = tmp_path / "runs" / "sft"
+    sft.mkdir(parents=True)
+    shutil.copyfile(tiny_base, sft / "model.pth")
+    base_run = json.loads((tiny_base.parent / "run.json").read_text())
+    step = torch.load(tiny_base, weights_only=True)["step"]
+    (sft / "run.json").write_text(json.dumps({**base_run, "kind": "sft", "parent_checkpoint": str(tiny_base),
+                                              "base_step": 20}))
+    lines = [{"step": s, "loss": 5.0 - s / 100} for s in (10, step, step + 10)] + [{"step": step, "val_loss": 4.8}]
+    (sft / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 9')  # cut last line
+    v = Registry(tmp_path / "models").add(sft / "model.pth", tok_dir)
+    folder = tmp_path / "models" / "versions" / v.id
+    kept = [json.loads(x) for x in (folder / "training_metrics.jsonl").read_text().splitlines()]
+    assert kept == [r for r in lines if r["step"] <= step]  # nothing logged after the saved step, no torn line
+    pre = [json.loads(x) for x in (folder / "pretrain_metrics.jsonl").read_text().splitlines()]
+    assert pre and all(r["step"] <= 20 for r in pre) and any("loss" in r for r in pre)
+    paths = {f["path"] for f in v.files}
+    assert {f"versions/{v.id}/training_metrics.jsonl", f"versions/{v.id}/pretrain_metrics.jsonl"} <= paths
+    assert all(s == "ok" for s in Registry(tmp_path / "models").verify(v.id).values())
+
+    copied = tmp_path / "elsewhere" / "model.pth"  # out of its run folder: no logs, no error
+    copied.parent.mkdir()
+    shutil.copyfile(tiny_base, copied)
+    v2 = Registry(tmp_path / "models").add(copied, tok_dir)
+    assert not list((tmp_path / "models" / "versions" / v2.id).glob("*_metrics.jsonl"))
