@@ -12,6 +12,7 @@
 
 import click
 
+from builder.card_cmd import card
 from builder.data_cmd import data
 from builder.index_cmd import index
 from builder.models_cmd import models
@@ -49,6 +50,7 @@ main.add_command(sft)
 main.add_command(sft_data)
 main.add_command(eval_)
 main.add_command(models)
+main.add_command(card)
 
 if __name__ == "__main__":
     main()
