@@ -27,9 +27,8 @@ Design choices:
   off by default; `benchmarks/decode.py --compile` re-measures it on a quiet machine.
 - Tokenizer check: a checkpoint records the sha256 of its tokenizer.model; loading it with another
   tokenizer raises a ValueError that names both, instead of generating garbage.
-- OnnxBackend: not here yet. The export issue adds it to this module: an onnxruntime session over
-  an exported folder's `onnx/model.onnx` (HF names, DESIGN §2), implementing the same Protocol
-  (`prefill` runs input_ids with an empty past, `decode` feeds `present.*` back as `past_key_values.*`).
+- OnnxBackend lives in `runtime_python/onnx_backend.py` (onnxruntime over a `builder export` folder,
+  same Protocol) and is importable from here; onnxruntime is only imported when it is asked for.
 """
 
 from __future__ import annotations
@@ -313,3 +312,10 @@ class TorchBackend(ChatBackend):
         h = F.rms_norm(x[0, -1], dim, self._norm, eps).to(act)
         w, lin = self._lm_head
         return lin(h[None], w)[0].float()
+
+
+def __getattr__(name: str):
+    if name == "OnnxBackend":  # lazy: importing onnxruntime costs time the torch path does not need
+        from runtime_python.onnx_backend import OnnxBackend
+        return OnnxBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

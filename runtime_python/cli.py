@@ -22,6 +22,7 @@ from typing import Any, Callable
 import click
 
 DEFAULT_INDEX = Path("datasets/built/index.sqlite")
+DEFAULT_EXPORT = Path("dist/export")
 
 
 @dataclass
@@ -32,18 +33,21 @@ class Runtime:
 
 
 def load_runtime(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool,
-                 device: str = "cpu", dtype: str = "fp32") -> Runtime:
+                 device: str = "cpu", dtype: str = "fp32", backend_kind: str = "torch") -> Runtime:
     """Resolve and load the model and (unless disabled) the retrieval index; ClickException on errors."""
     from runtime_python.backends import TorchBackend, resolve_model
 
     try:
-        if tokenizer is not None and model is not None and Path(model).exists():
-            model_path = Path(model) / "model.pth" if Path(model).is_dir() else Path(model)
-            tok_dir = tokenizer  # an explicit pair needs no registry
+        if backend_kind == "onnx":
+            backend = _onnx_backend(model, device, dtype)
         else:
-            model_path, tok_dir = resolve_model(model)
-            tok_dir = tokenizer or tok_dir
-        backend = TorchBackend.load(model_path, tok_dir, device=device, dtype=dtype)
+            if tokenizer is not None and model is not None and Path(model).exists():
+                model_path = Path(model) / "model.pth" if Path(model).is_dir() else Path(model)
+                tok_dir = tokenizer  # an explicit pair needs no registry
+            else:
+                model_path, tok_dir = resolve_model(model)
+                tok_dir = tokenizer or tok_dir
+            backend = TorchBackend.load(model_path, tok_dir, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     index, note = None, None
@@ -62,6 +66,21 @@ def load_runtime(model: str | None, tokenizer: Path | None, index_path: Path | N
         else:
             note = f"note: no retrieval index at {path}; answering without sources (`builder index build`)"
     return Runtime(backend, index, note)
+
+
+def _onnx_backend(model: str | None, device: str, dtype: str):
+    """An OnnxBackend over an export folder (`builder export`); fp32 or int8 (the q8 file)."""
+    from runtime_python.onnx_backend import OnnxBackend
+
+    if device not in ("cpu", "auto"):
+        raise ValueError(f"--backend onnx runs on the CPU (onnxruntime CPUExecutionProvider), not {device!r}")
+    if dtype == "bf16":
+        raise ValueError("--backend onnx has fp32 (onnx/model.onnx) and int8 (onnx/model_quantized.onnx), not bf16")
+    folder = Path(model) if model else DEFAULT_EXPORT
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not an export folder (no config.json): run `builder export --out "
+                                f"{folder}` or pass --model EXPORT_DIR")
+    return OnnxBackend(folder, "q8" if dtype == "int8" else "fp32")
 
 
 def generation_config(temperature: float | None, max_tokens: int | None, **extra: Any):
@@ -87,6 +106,9 @@ def _model_options(f: Callable) -> Callable:
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps or auto."),
         click.option("--dtype", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
                      help="Weights: fp32 (exact), bf16, int8 (CPU only, weight-only)."),
+        click.option("--backend", "backend_kind", type=click.Choice(["torch", "onnx"]), default="torch",
+                     show_default=True, help=f"torch runs a .pth; onnx runs an export folder (--model DIR, "
+                     f"default {DEFAULT_EXPORT}) with onnxruntime."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -118,19 +140,20 @@ def main() -> None:
 @_model_options
 @_generation_options
 def chat(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool, device: str,
-         dtype: str, temperature: float | None, max_tokens: int | None) -> None:
+         dtype: str, backend_kind: str, temperature: float | None, max_tokens: int | None) -> None:
     """Chat in the terminal: streamed replies, citations, /commands (type /help).
 
     \b
     Examples:
       supermix chat
       supermix chat --model runs/sft-tiny/model.pth --tokenizer runs/tokenizer --no-retrieval
+      supermix chat --backend onnx --model dist/export --dtype int8
     Ctrl-C stops a reply; Ctrl-C or Ctrl-D at the prompt leaves.
     """
     from runtime_python.terminal import run_chat
 
     gen = generation_config(temperature, max_tokens)
-    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype)
+    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype, backend_kind)
     if rt.note:
         click.echo(click.style(rt.note, dim=True), err=True)
     run_chat(rt.backend, rt.index, gen)
@@ -143,7 +166,8 @@ def chat(model: str | None, tokenizer: Path | None, index_path: Path | None, no_
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"answer", "citations", "model", "tokens_per_second"} as JSON.')
 def ask(question: str, model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool,
-        device: str, dtype: str, temperature: float | None, max_tokens: int | None, as_json: bool) -> None:
+        device: str, dtype: str, backend_kind: str, temperature: float | None, max_tokens: int | None,
+        as_json: bool) -> None:
     """Answer one question and exit (for scripts).
 
     \b
@@ -154,7 +178,7 @@ def ask(question: str, model: str | None, tokenizer: Path | None, index_path: Pa
     from runtime_python.terminal import ask_once
 
     gen = generation_config(temperature, max_tokens)
-    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype)
+    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype, backend_kind)
     if rt.note and not as_json:
         click.echo(click.style(rt.note, dim=True), err=True)
     ask_once(rt.backend, rt.index, gen, question, as_json=as_json)
@@ -168,7 +192,7 @@ def ask(question: str, model: str | None, tokenizer: Path | None, index_path: Pa
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait for the model; more get HTTP 503.")
 def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool, device: str,
-          dtype: str, host: str, port: int, max_queue: int) -> None:
+          dtype: str, backend_kind: str, host: str, port: int, max_queue: int) -> None:
     """Serve the web chat page and an OpenAI-compatible API (/v1/chat/completions).
 
     \b
@@ -181,7 +205,7 @@ def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no
     """
     from runtime_python.server import create_app, run_server
 
-    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype)
+    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype, backend_kind)
     if rt.note:
         click.echo(rt.note, err=True)
     app = create_app(rt.backend, rt.index, max_queue=max_queue)

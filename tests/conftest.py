@@ -55,3 +55,13 @@ def tiny_base(tiny_workspace, tmp_path_factory) -> Path:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
     return root / "run" / "model.pth"
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_base, tiny_workspace, tiny_index, tmp_path_factory) -> Path:
+    """`builder export` of the tiny model (HF folder, fp32/int8/q4 ONNX, browser index), gates passed."""
+    from builder.export import export_model
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_model(tiny_base, tiny_workspace["tokenizer"], out, index_path=tiny_index, q4=True, log=lambda _: None)
+    return out

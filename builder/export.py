@@ -1,0 +1,243 @@
+"""Export a checkpoint for other runtimes: an HF folder (transformers / transformers.js layout), ONNX
+with a KV cache, int8 (and optional q4) ONNX, the browser retrieval index and a manifest.
+
+Design choices (DESIGN §2 records the measurements behind them):
+- The ONNX graph comes from `OnnxForward`, a KV-cache forward written for export over the model's own
+  modules: explicit past K/V in, present K/V out, HF/optimum IO names, attention as plain matmuls with
+  an additive mask built from `attention_mask` (so left padding and batches work in transformers.js).
+  `torch.onnx.export(dynamo=True, opset 18)`, traced with batch 2 and past 5 so no dim is frozen;
+  dynamo stores the tied embedding once.
+- int8 is `quantize_dynamic(QInt8)` (MatMul/Gemm/Gather weights), q4 is `MatMulNBitsQuantizer`
+  (bits 4, block 32): the formats transformers.js loads as dtype "q8" and "q4".
+- Everything is written into a sibling `.partial` folder and renamed into place only after every gate
+  passed (`builder/export_gates.py`), so a failed export never leaves a half-written folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from source.files import sha256_file
+from source.model import Transformer, apply_rope, hf_config_dict, hf_state_dict
+from source.tokenizer import Tokenizer
+
+ONNX_OPSET = 18
+EXPORT_FORMAT = "supermix-export-v1"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# what the runtime and the site start from; a chat model this small rambles when sampled hot
+GENERATION_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256, "repetition_penalty": 1.0}
+
+
+class OnnxForward(nn.Module):
+    """`Transformer` with the KV cache as explicit inputs/outputs (HF names), for ONNX export."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        cfg = model.cfg
+        self.model, self.cfg = model, cfg
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cfg, m = self.cfg, self.model
+        B, S = input_ids.shape
+        P = past[0].shape[2]
+        H, KV, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # (B, S, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)  # (B, 1, S, D)
+        # causal over absolute key positions, and no attention to padded keys
+        keys = torch.arange(P + S, device=input_ids.device)
+        queries = torch.arange(S, device=input_ids.device) + P
+        allowed = (keys[None, :] <= queries[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+        h = m.embed_tokens(input_ids)
+        presents: list[torch.Tensor] = []
+        for i, block in enumerate(m.layers):
+            a = block.self_attn
+            x = block.input_layernorm(h)
+            q = apply_rope(a.q_proj(x).view(B, S, H, D).transpose(1, 2), cos, sin)
+            k = apply_rope(a.k_proj(x).view(B, S, KV, D).transpose(1, 2), cos, sin)
+            v = a.v_proj(x).view(B, S, KV, D).transpose(1, 2)
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            presents += [k, v]
+            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+            att = torch.softmax((q @ k.transpose(-1, -2)) * (D ** -0.5) + bias, dim=-1)
+            h = h + a.o_proj((att @ v).transpose(1, 2).reshape(B, S, H * D))
+            h = h + block.mlp(block.post_attention_layernorm(h))
+        return (m.lm_head(m.norm(h)), *presents)
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{t}" for i in range(n_layers) for t in ("key", "value")]
+    present = [f"present.{i}.{t}" for i in range(n_layers) for t in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def export_onnx(model: Transformer, path: Path) -> None:
+    """fp32 ONNX of `OnnxForward` with dynamic batch, sequence and past length."""
+    import warnings
+
+    from torch.export import Dim
+
+    cfg = model.cfg
+    wrapper = OnnxForward(model).eval()
+    B, S, P = 2, 3, 5  # not 1: a dim traced at 1 can be specialised away
+    ids = torch.randint(0, cfg.vocab_size, (B, S))
+    mask = torch.ones(B, P + S, dtype=torch.long)
+    positions = torch.arange(P, P + S)[None].expand(B, S).contiguous()
+    past = [torch.randn(B, cfg.n_kv_heads, P, cfg.head_dim) for _ in range(2 * cfg.n_layers)]
+    batch, seq, past_len = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length")
+    total = Dim("total_sequence_length")
+    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+              "position_ids": {0: batch, 1: seq}, "past": tuple({0: batch, 2: past_len} for _ in past)}
+    inputs, outputs = io_names(cfg.n_layers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # dynamo's notes on guards and constraints, not problems
+        program = torch.onnx.export(wrapper, (ids, mask, positions, *past), dynamic_shapes=shapes,
+                                    input_names=inputs, output_names=outputs, opset_version=ONNX_OPSET,
+                                    dynamo=True, external_data=False, verbose=False)
+    program.save(str(path))
+    _strip_debug_metadata(path)
+
+
+def _strip_debug_metadata(path: Path) -> None:
+    """Drop dynamo's per-node debug strings (stack traces, FX node text): ~100 KB on the tiny model, a
+    third of its int8 file, and nothing a runtime reads."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
+                     op_types_to_quantize=["MatMul", "Gemm", "Gather"], extra_options={"MatMulConstBOnly": True})
+
+
+def quantize_q4(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True,
+                                     accuracy_level=4, op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+
+
+def write_hf_folder(model: Transformer, tokenizer: Tokenizer, out: Path) -> None:
+    """config.json, generation_config.json, model.safetensors and the tokenizer files."""
+    from safetensors.torch import save_file
+
+    config = hf_config_dict(model.cfg, tokenizer.bos_id, tokenizer.eos_id)
+    config["transformers_version"] = _version("transformers")
+    end_id = tokenizer.special_ids["end"]
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": [tokenizer.eos_id, end_id],
+                  "pad_token_id": tokenizer.eos_id, "do_sample": True,
+                  **{k: v for k, v in GENERATION_DEFAULTS.items() if k != "repetition_penalty"}}
+    state = hf_state_dict(model)
+    if model.cfg.tie_embeddings:  # stored once; HF re-ties lm_head from tie_word_embeddings
+        state.pop("lm_head.weight")
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer.path / name, out / name)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
+                 index_path: str | Path | None = None, q4: bool = False, token_dir: str | Path | None = None,
+                 version: str | None = None, metrics: dict | None = None, log=print) -> dict:
+    """Write the export folder; returns its manifest. Raises `GateError` (nothing written) when a
+    parity/quality gate fails."""
+    from builder.export_gates import GateError, run_gates
+    from source.checkpoint import load_model
+
+    out = Path(out_dir)
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "onnx").mkdir(parents=True)
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    model, ckpt = load_model(model_path, "cpu")
+    if ckpt["tokenizer"] != tokenizer.sha256:
+        raise ValueError(f"{model_path} was trained with tokenizer {ckpt['tokenizer'][:12]}..., "
+                         f"{tokenizer.path} has {tokenizer.sha256[:12]}...")
+    model.eval()
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn, *args) -> None:
+        t0 = time.perf_counter()
+        log(f"export: {name} ...")
+        fn(*args)
+        timings[name] = round(time.perf_counter() - t0, 2)
+
+    stage("hf folder", write_hf_folder, model, tokenizer, partial)
+    stage("onnx fp32", export_onnx, model, partial / "onnx" / "model.onnx")
+    stage("onnx int8", quantize_int8, partial / "onnx" / "model.onnx", partial / "onnx" / "model_quantized.onnx")
+    if q4:
+        stage("onnx q4", quantize_q4, partial / "onnx" / "model.onnx", partial / "onnx" / "model_q4.onnx")
+    if index_path is not None:
+        from builder.browser_index import write_browser_index
+
+        stage("browser index", write_browser_index, Path(index_path), partial / "index")
+    t0 = time.perf_counter()
+    gates, speed, quality = run_gates(model, tokenizer, partial, token_dir=token_dir, log=log)
+    timings["gates"] = round(time.perf_counter() - t0, 2)
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "model_version": version,
+        "source_checkpoint": str(model_path),
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "config": asdict(model.cfg),
+        "params": model.num_params(),
+        "tokenizer_sha256": tokenizer.sha256,
+        "metrics": metrics or {},
+        "generation": GENERATION_DEFAULTS,
+        "versions": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "transformers")},
+        "timings_s": timings,
+        "gates": gates,
+        "speed": speed,
+        "quality": quality,
+        "files": [{"path": p.relative_to(partial).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                  for p in sorted(partial.rglob("*")) if p.is_file()],
+    }
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    failed = [g for g in gates if g["required"] and g["passed"] is False]
+    if failed:
+        raise GateError(failed, partial)
+    if out.exists():  # swap: the old folder goes only once the new one is complete
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, out)
+    return manifest

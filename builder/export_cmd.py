@@ -1,0 +1,80 @@
+"""`builder export`: HF folder + ONNX (KV cache) + int8/q4 + browser index + manifest, behind gates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def gate_table(gates: list[dict]) -> str:
+    mark = {True: "PASS", False: "FAIL", None: "info"}
+    width = max(len(g["name"]) for g in gates)
+    rows = [f"{'gate':<{width}}  result  value  (needs)"]
+    for g in gates:
+        status = mark[g["passed"]] if g["required"] or g["passed"] is None else f"{mark[g['passed']].lower()}*"
+        rows.append(f"{g['name']:<{width}}  {status:<6}  {g['value']}  ({g['threshold']})")
+    if any(not g["required"] and g["passed"] is not None for g in gates):
+        rows.append("* reported against its target; does not stop the export")
+    return "\n".join(rows)
+
+
+@click.command("export")
+@click.option("--model", "model_spec", default="champion", show_default=True,
+              help="Registry version (v3, champion, latest) or a model.pth path.")
+@click.option("--tokenizer", "tokenizer_dir", default=None, type=click.Path(path_type=Path),
+              help="Tokenizer folder [default: the version's own, else runs/tokenizer].")
+@click.option("--out", "out_dir", default=Path("dist/export"), show_default=True, type=click.Path(path_type=Path),
+              help="Export folder (replaced only when every gate passes).")
+@click.option("--q4", is_flag=True, help="Also write onnx/model_q4.onnx (4-bit MatMulNBits), reported, not gated.")
+@click.option("--index", "index_path", default=Path("datasets/built/index.sqlite"), show_default=True,
+              type=click.Path(path_type=Path), help="Retrieval index to convert for the browser (skipped if missing).")
+@click.option("--no-index", is_flag=True, help="Do not write the browser retrieval index.")
+@click.option("--data", "data_dir", default=Path("datasets/built/default"), show_default=True,
+              type=click.Path(path_type=Path), help="Corpus whose tokenized val split the bits/byte gate uses "
+              "(falls back to the stdlib's pydoc topics when it has not been tokenized).")
+@click.option("--root", default=Path("models"), show_default=True, type=click.Path(path_type=Path),
+              help="Registry folder.")
+def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool, index_path: Path, no_index: bool,
+           data_dir: Path, root: Path) -> None:
+    """Export a model for transformers, transformers.js, onnxruntime and optimum, and check it.
+
+    \b
+    Writes (DESIGN §2 layout):
+      config.json, generation_config.json, model.safetensors, tokenizer files
+      onnx/model.onnx (fp32, KV cache), onnx/model_quantized.onnx (int8), onnx/model_q4.onnx (--q4)
+      index/ (browser BM25 index), manifest.json (files, sha256, gates, speed)
+    Gates: ONNX fp32 greedy == PyTorch; int8 bits/byte within 1% and <= 30% of the bytes; the HF folder
+    loads in transformers with the same logits; optimum's ORTModelForCausalLM generates our tokens.
+
+    \b
+    Examples:
+      builder export                       # the champion -> dist/export
+      builder export --model v2 --out /tmp/v2 --q4
+    """
+    from builder.eval_cmd import registry_version
+    from builder.export import export_model
+    from builder.export_gates import GateError
+    from runtime_python.backends import resolve_model
+    from source.registry import Registry
+    from source.token_data import default_token_dir
+    from source.tokenizer import Tokenizer
+
+    try:
+        pth, version_tok = resolve_model(model_spec, root)
+        tok_dir = tokenizer_dir or version_tok
+        version = registry_version(pth, root)
+        metrics = Registry(root).get(version).metrics if version else {}
+        token_dir = default_token_dir(data_dir, Tokenizer.load(tok_dir))
+        index = None if no_index or not index_path.is_file() else index_path
+        if index is None and not no_index:
+            click.echo(f"export: {index_path} not found, no browser index (build it with `builder index build`)")
+        manifest = export_model(pth, tok_dir, out_dir, index_path=index, q4=q4, token_dir=token_dir,
+                                version=version, metrics=metrics, log=click.echo)
+    except (GateError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(gate_table(manifest["gates"]))
+    speed = ", ".join(f"{k.removesuffix('_tok_s')} {v:,.0f}" for k, v in manifest["speed"].items())
+    click.echo(f"decode tokens/s: {speed}")
+    total = sum(f["bytes"] for f in manifest["files"])
+    click.echo(f"export: {out_dir} ({len(manifest['files'])} files, {total / 1e6:.1f} MB)")
