@@ -65,6 +65,12 @@ def _num(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
 
 
+def _code_cell(token: str) -> str:
+    # `<|end|>` in a table: GFM and Python-Markdown both split cells on its `|`, even inside backticks, and
+    # disagree on `\|`; an HTML code element with entities renders the same in both
+    return "<code>" + token.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;") + "</code>"
+
+
 def placeholders(text: str) -> list[str]:
     """Lines of a rendered card (model outputs excepted) that still say unknown/TODO/None or hold template syntax."""
     return [line for line in _SAMPLES.sub("", text).splitlines() if _PLACEHOLDER.search(line)]
@@ -269,7 +275,7 @@ def card_context(registry: Registry, ref: str, export_dir: Path | None = None,
             ("context window", f"{c['max_seq_len']:,} tokens")],
         "tokenizer": [("type", "SentencePiece BPE with byte fallback (`tokenizer.model`), plus `tokenizer.json`"),
                       ("vocabulary", f"{c['vocab_size']:,}"),
-                      ("special tokens", ", ".join(f"`{t}`" for t in _special_tokens(tok_dir))),
+                      ("special tokens", ", ".join(map(_code_cell, _special_tokens(tok_dir)))),
                       ("tokenizer sha256", f"`{v.tokenizer_sha256}`")],
         "dataset": _dataset(v, dataset_manifest),
         "training": _training_rows(v, folder),

@@ -14,6 +14,7 @@ import click
 
 from builder.card_cmd import card
 from builder.data_cmd import data
+from builder.docs_cmd import docs
 from builder.index_cmd import index
 from builder.models_cmd import models
 from builder.tokenizer_cmd import tokenizer
@@ -51,6 +52,7 @@ main.add_command(sft_data)
 main.add_command(eval_)
 main.add_command(models)
 main.add_command(card)
+main.add_command(docs)
 
 if __name__ == "__main__":
     main()
