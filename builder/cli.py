@@ -17,6 +17,7 @@ from builder.data_cmd import data
 from builder.docs_cmd import docs
 from builder.index_cmd import index
 from builder.models_cmd import models
+from builder.site_cmd import site
 from builder.tokenizer_cmd import tokenizer
 from builder.eval_cmd import eval_
 from builder.sft_cmd import sft
@@ -51,6 +52,7 @@ main.add_command(sft)
 main.add_command(sft_data)
 main.add_command(eval_)
 main.add_command(models)
+main.add_command(site)
 main.add_command(card)
 main.add_command(docs)
 

@@ -1,0 +1,267 @@
+"""The Pages site: browser index parity (Python vs JS), `builder site`, and a real chat in headless Chromium.
+
+The browser test serves the built site with `python -m http.server` on 127.0.0.1, drives Debian's
+/usr/bin/chromium through the `playwright` package (DESIGN §2 flags), aborts and records every request
+that would leave 127.0.0.1, and compares the streamed reply with runtime_python's onnxruntime reply on
+the same ONNX file, token for token. Page state is polled with `page.evaluate` because the page's
+Content-Security-Policy (kept on in the test) forbids the string eval `wait_for_function` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NODE = shutil.which("node")
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--no-first-run"]
+QUERIES = ["What is a closure?", "define ephemeral", "json.dumps", "the of and", "naïve Café", "list comprehension",
+           "What does the word serendipity mean?", "__init__ method", "dogs and cats", "", "x", "日本語"]
+needs_npm = pytest.mark.skipif(not (REPO / "web_static/node_modules/@huggingface/transformers").is_dir(),
+                               reason="run `npm ci --ignore-scripts` in web_static")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_base, tiny_workspace, tiny_index, tmp_path_factory) -> Path:
+    """The tiny model exported (ONNX fp32 + q8, browser index) through the real export path."""
+    from builder.export import export_model
+
+    out = tmp_path_factory.mktemp("export") / "export"
+    export_model(tiny_base, tiny_workspace["tokenizer"], out, index_path=tiny_index, version="tiny", log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def site(tiny_export, tmp_path_factory) -> Path:
+    from builder.site import build_site
+
+    root = tmp_path_factory.mktemp("site")
+    card = root / "card" / "README.md"
+    card.parent.mkdir()
+    card.write_text("---\nlicense: mit\n---\n# Tiny card\n\nSome **bold** text.\n\n| metric | value |\n|---|---|\n"
+                    "| val_bpb | 3.2 |\n\n![loss](loss_curve.png)\n\n<script>alert(1)</script>\n", encoding="utf-8")
+    (card.parent / "loss_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    build_site(tiny_export, root / "site", card=card)
+    return root / "site"
+
+
+# ----------------------------------------------------------------------------- browser index
+
+def test_browser_index_matches_js_and_fts(tiny_index, tmp_path):
+    from builder.browser_index import BrowserIndex, write_browser_index
+    from source.retrieval import Index
+
+    stats = write_browser_index(tiny_index, tmp_path / "index", passages_per_shard=100)
+    assert stats["docs"] == len(Index(tiny_index)) and stats["bytes"]["total"] > 0
+    py = BrowserIndex(tmp_path / "index")
+    expected = [[{"id": p.id, "score": p.score} for p in py.search(q, 5)] for q in QUERIES]
+    if NODE:
+        run = subprocess.run([NODE, str(REPO / "tests/js/search.mjs"), str(tmp_path / "index"), "5"],
+                             input=json.dumps(QUERIES), capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout) == expected  # same ids, same order, same scores
+    fts = Index(tiny_index)
+    hits = [q for q in QUERIES if fts.search(q, 5)]
+    overlap = [len({p["id"] for p in e} & {p.id for p in fts.search(q, 5)}) / max(1, len(e))
+               for q, e in zip(QUERIES, expected) if q in hits]
+    assert sum(overlap) / len(overlap) >= 0.6, overlap  # a different stemmer, mostly the same passages
+    assert py.search("", 3) == [] and py.search("zzzzqqq", 3) == []
+
+
+# ----------------------------------------------------------------------------- builder site
+
+@needs_npm
+def test_site_layout(site, tiny_export):
+    from builder.site import runtime_settings
+
+    assert (site / ".nojekyll").is_file()
+    for f in ("index.html", "model.html", "about.html", "app.js", "worker.js", "retrieval.js", "prompt.js",
+              "vendor/transformers.js", "vendor/ort/ort-wasm-simd-threaded.asyncify.wasm",
+              "vendor/ort/ort-wasm-simd-threaded.asyncify.mjs", "models/supermix/onnx/model_quantized.onnx",
+              "models/supermix/onnx/model.onnx", "models/supermix/tokenizer.json", "models/supermix/index/meta.json",
+              "model-card.md", "loss_curve.png"):
+        assert (site / f).is_file(), f
+    assert not (site / "models/supermix/model.safetensors").exists() and not (site / "node_modules").exists()
+    config = json.loads((site / "site.json").read_text())
+    assert {k: config[k] for k in runtime_settings()} == runtime_settings()
+    for page in ("index.html", "model.html", "about.html"):
+        html = (site / page).read_text()
+        assert "Content-Security-Policy" in html and "default-src 'self'" in html
+        assert 'src="/' not in html and 'href="/' not in html and "http" not in html.split("<body", 1)[1]
+
+
+def test_site_without_node_modules(tiny_export, tmp_path):
+    from click.testing import CliRunner
+
+    from builder.cli import main
+    from builder.site import SiteError, build_site
+
+    bare = tmp_path / "web_static"
+    bare.mkdir()
+    (bare / "package.json").write_text((REPO / "web_static/package.json").read_text())
+    with pytest.raises(SiteError, match="npm ci --ignore-scripts"):
+        build_site(tiny_export, tmp_path / "site", web_static=bare)
+    result = CliRunner().invoke(main, ["site", "--export", str(tmp_path / "nope"), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "Error:" in result.output and not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------- Chromium
+
+def _reference(export: Path, messages: list[dict], max_new_tokens: int) -> dict:
+    """runtime_python's reply on the same q8 ONNX file and the same browser index: ids, text, sources."""
+    import runtime_python.chat as chat
+    from builder.browser_index import BrowserIndex
+    from runtime_python.generation import GenerationConfig
+    from runtime_python.onnx_backend import OnnxBackend
+
+    backend = OnnxBackend(export, dtype="q8")
+    tok = backend.tokenizer
+    end = {tok.eos_id, tok.bos_id, *tok.special_ids.values()}
+    sampled: list[int] = []
+    real = chat.sample_next
+
+    def record(*args, **kwargs):  # generate_stream yields text; the ids are what sample_next returns
+        sampled.append(real(*args, **kwargs))
+        return sampled[-1]
+
+    chat.sample_next = record
+    try:
+        reply = list(chat.generate_stream(backend, messages, GenerationConfig(temperature=0, max_new_tokens=max_new_tokens),
+                                          index=BrowserIndex(export / "index")))[-1]
+    finally:
+        chat.sample_next = real
+    return {"token_ids": [i for i in sampled if i not in end], "text": reply.text,
+            "sources": [s.id for s in reply.sources], "citations": [c.id for c in reply.citations],
+            "prompt_tokens": reply.prompt_tokens, "finish_reason": reply.finish_reason}
+
+
+def _wait(page, expr: str, timeout: float = 60.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if value := page.evaluate(expr):
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"{expr} after {timeout} s; errors: {page.evaluate('window.supermix?.errors')}")
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(site)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+@needs_npm
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed")
+def test_chat_in_chromium(server, tiny_export, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    art = REPO / "artifacts"
+    art.mkdir(exist_ok=True)
+    external: list[str] = []
+    requests: list[str] = []
+
+    def route(r):  # anything not on our server is aborted and recorded
+        url = r.request.url
+        requests.append(url)
+        if url.startswith(server) or url.startswith(("data:", "blob:")):
+            return r.continue_()
+        external.append(url)
+        return r.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        ctx = browser.new_context(viewport={"width": 390, "height": 844})  # a phone
+        ctx.route("**/*", route)
+        page = ctx.new_page()
+        page.goto(server + "?temperature=0&max_new_tokens=24")
+        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)")
+        assert page.evaluate("window.supermix.errors") == []
+
+        # two turns, greedy: ids, text and sources equal the Python runtime's (history included)
+        messages: list[dict] = []
+        for n, prompt in enumerate(["What is a closure?", "And what does closing mean?"], 1):
+            page.focus("#prompt")
+            page.keyboard.type(prompt)
+            page.keyboard.press("Enter")  # keyboard only
+            _wait(page, f"window.supermix.replies.length >= {n} || window.supermix.errors.length")
+            got = page.evaluate(f"window.supermix.replies[{n - 1}]")
+            messages.append({"role": "user", "content": prompt})
+            want = _reference(tiny_export, messages, 24)
+            assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+            assert [s["id"] for s in got["sources"]] == want["sources"] and want["sources"]
+            assert [c["id"] for c in got["citations"]] == want["citations"]
+            assert (got["prompt_tokens"], got["finish_reason"]) == (want["prompt_tokens"], want["finish_reason"])
+            messages.append({"role": "assistant", "content": got["text"]})
+            body = page.locator(".msg.assistant .body").nth(n - 1).inner_text()
+            assert body.strip() == got["text"].strip()
+        assert page.locator(".msg.assistant").nth(1).locator(".sources li").count() == len(got["sources"])
+
+        # citations: a reply citing [2] shows that source, expandable to its passage
+        page.evaluate("""window.supermix.renderReply({text: 'It is a closure [2].', completion_tokens: 5,
+            tokens_per_second: 1, finish_reason: 'stop', citations: [{number: 2, id: 'a#0', title: 'closure',
+            source: 'foldoc', text: 'A closure is a function with its environment.'}], sources: []})""")
+        cite = page.locator(".msg.assistant").last.locator(".citations li")
+        assert cite.count() == 1 and "[2] closure" in cite.inner_text()
+        cite.locator("summary").click()
+        assert cite.locator(".passage").is_visible()
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scroll
+        page.screenshot(path=str(art / "site-chat-phone.png"), full_page=True)
+
+        # Stop: a long sampled reply ends early with finish_reason "stop"
+        page.click("#settings summary")
+        page.fill("#max-tokens", "100")  # the tiny model's window is 256 tokens
+        page.focus("#temperature")
+        page.keyboard.press("End")  # sampled, at the slider's maximum
+        assert page.locator("#temperature-out").inner_text() == "2"
+        page.fill("#prompt", "Tell me a long story")
+        page.click("#send")
+        _wait(page, "document.querySelectorAll('.msg.assistant .body')[3].textContent.length > 0")
+        page.click("#stop")
+        _wait(page, "window.supermix.replies.length >= 3")
+        stopped = page.evaluate("window.supermix.replies[2]")
+        assert stopped["finish_reason"] == "stop" and stopped["completion_tokens"] < 100
+
+        # New chat clears the conversation
+        page.click("#new-chat")
+        assert page.locator(".msg").count() == 0
+
+        # second visit: model, wasm and index come from the Cache API, not the network
+        before = len(requests)
+        assert any(u.endswith("model_quantized.onnx") for u in requests)  # the route sees the worker's fetches
+        page.reload()
+        _wait(page, "window.supermix && window.supermix.ready")
+        again = [u for u in requests[before:] if u.endswith((".onnx", ".wasm", "tokenizer.json", ".bin"))]
+        assert again == [], again
+
+        # model card and about pages render from the shipped files, markup escaped
+        page.goto(server + "model.html")
+        _wait(page, "document.querySelector('#doc table')")
+        assert page.locator("#doc h1").inner_text() == "Tiny card" and page.locator("#doc script").count() == 0
+        page.goto(server + "about.html")
+        _wait(page, "document.getElementById('doc').textContent.includes('Retrieval index')")
+        assert "tiny" in page.locator("#doc h1").inner_text() and "passages" in page.locator("#doc").inner_text()
+        page.screenshot(path=str(art / "site-about.png"), full_page=True)
+        browser.close()
+    assert external == []

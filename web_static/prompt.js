@@ -1,0 +1,123 @@
+// The prompt, laid out and budgeted exactly like runtime_python/chat.py (_split, _fit, _keep_end) and
+// source/sft_data.py (to_chat_messages, clip_text, prepare_context) + source/tokenizer.py
+// (format_context). The ids come from the exported tokenizer_config.json chat template, which renders
+// the layout of Tokenizer.encode_chat (tests/test_site.py compares the ids with Python's).
+// Python counts string lengths in code points, so the clipping below does too (Array.from).
+
+const PY_SPACE = "[\\t\\n\\v\\f\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
+const LEAD = new RegExp(`^${PY_SPACE}+`), TRAIL = new RegExp(`${PY_SPACE}+$`);
+const rstrip = (s) => s.replace(TRAIL, "");
+export const strip = (s) => rstrip(s).replace(LEAD, "");  // Python str.strip(), not String.trim()
+const cpLen = (s) => Array.from(s).length;
+const CITATION = / ?\[\d+\]/g;
+const CITE = /\[(\d+(?:\s*,\s*\d+)*)\]/g;
+
+/** source.sft_data.clip_text: cut at a word boundary to at most maxChars, " ..." marking the cut. */
+export function clipText(text, maxChars) {
+  text = strip(text);
+  const cps = Array.from(text);
+  if (cps.length <= maxChars) return text;
+  let cut = -1;  // text.rfind(" ", 0, maxChars - 3)
+  for (let i = Math.min(maxChars - 4, cps.length - 1); i >= 0; i--) if (cps[i] === " ") { cut = i; break; }
+  cut = cut > Math.floor(maxChars / 2) ? cut : maxChars - 4;
+  return rstrip(cps.slice(0, cut).join("")) + " ...";
+}
+
+/** source.sft_data.prepare_context: retrieval passages -> the context list, texts clipped. */
+export function prepareContext(passages, maxChars) {
+  return passages.map((p) => ({ id: p.id ?? "", title: p.title ?? "", source: p.source ?? "",
+                                text: clipText(p.text ?? "", maxChars) }));
+}
+
+/** source.tokenizer.format_context: "[1] title\ntext\n\n[2] ...". */
+export function formatContext(passages) {
+  return passages.map((p, i) => {
+    const title = strip(p.title || ""), text = strip(p.text || "");
+    return title ? `[${i + 1}] ${title}\n${text}` : `[${i + 1}] ${text}`;
+  }).join("\n\n");
+}
+
+/** source.sft_data.to_chat_messages for a conversation that starts with its system message. */
+export function toChatMessages(messages, context) {
+  const msgs = messages.map((m) => ({ role: m.role, content: m.content }));
+  const last = msgs.map((m) => m.role).lastIndexOf("user");
+  for (const m of msgs.slice(0, last)) {  // earlier replies cite passages that are no longer shown
+    if (m.role === "assistant") m.content = m.content.replace(CITATION, "");
+  }
+  if (context && context.length) msgs.splice(last, 0, { role: "context", content: formatContext(context) });
+  return msgs;
+}
+
+/** runtime_python.chat._split: [system text, earlier turns, latest user text]. */
+export function splitMessages(messages, systemPrompt) {
+  const system = [], turns = [];
+  messages.forEach((m, i) => {
+    if (typeof m?.content !== "string") throw new Error(`messages[${i}]: must be an object with a string content`);
+    if (m.role === "system") system.push(m.content);
+    else if (m.role === "user" || m.role === "assistant") turns.push({ role: m.role, content: m.content });
+    else throw new Error(`messages[${i}].role: ${m.role} is not one of system, user, assistant`);
+  });
+  if (!turns.length || turns.at(-1).role !== "user") throw new Error("the conversation must end with a user message");
+  return [system.length ? system.join("\n\n") : systemPrompt, turns.slice(0, -1), turns.at(-1).content];
+}
+
+/** runtime_python.chat.cited_numbers: "[2] and [1, 3]" -> [1, 2, 3]. */
+export function citedNumbers(text) {
+  const out = new Set();
+  for (const m of text.matchAll(CITE)) for (const n of m[1].split(",")) out.add(parseInt(n.trim(), 10));
+  return [...out].sort((a, b) => a - b);
+}
+
+/**
+ * runtime_python.chat._fit: {ids, kept, shown} within the token budget.
+ * `tok`: {encode(text) -> ids without BOS, encodeChat(messages) -> ids with the generation prompt}.
+ */
+export function buildPrompt(tok, messages, passages, systemPrompt, maxNewTokens, maxSeqLen, minPassageChars) {
+  const [system, history, user0] = splitMessages(messages, systemPrompt);
+  let user = user0;
+  const cost = (content) => tok.encode(content).length + 2;  // <|role|> content <|end|>
+  const limit = maxSeqLen - maxNewTokens;
+  const fixed = 2 + cost(system) + cost("");
+  if (fixed + 1 > limit) {
+    throw new Error(`cannot fit a prompt: the system prompt takes ${fixed - 6} tokens and max_new_tokens is ` +
+                    `${maxNewTokens}, but the model's window is ${maxSeqLen} tokens; lower max_new_tokens`);
+  }
+  const laidOut = toChatMessages([{ role: "system", content: system }, ...history, { role: "user", content: user }]);
+  const costs = laidOut.slice(1, -1).map((m) => cost(m.content));
+  const userCost = cost(user) - 2;
+  let ctx = passages.map((p) => ({ ...p }));
+  const ctxCost = () => (ctx.length ? cost(formatContext(ctx)) : 0);
+  let start = 0, total = fixed + costs.reduce((a, c) => a + c, 0) + ctxCost() + userCost;
+  while (total > limit && start < history.length) {  // 1. the oldest exchange goes first
+    total -= costs[start++];
+    while (start < history.length && history[start].role === "assistant") total -= costs[start++];
+  }
+  while (total > limit && ctx.length) {  // 2. shrink the passages, then drop the last-ranked
+    const before = ctxCost();
+    const longest = Math.max(...ctx.map((p) => cpLen(p.text)));
+    if (longest > minPassageChars) {
+      const cap = Math.max(minPassageChars, Math.floor(longest * 0.7));
+      ctx = ctx.map((p) => ({ ...p, text: clipText(p.text, cap) }));
+    } else {
+      ctx.pop();
+    }
+    total += ctxCost() - before;
+  }
+  if (total > limit) user = keepEnd(tok, user, limit - (total - userCost));  // 3. the end of the question
+  const kept = toChatMessages([{ role: "system", content: system }, ...history.slice(start),
+                               { role: "user", content: user }], ctx);
+  const ids = tok.encodeChat(kept);
+  if (ids.length > limit) throw new Error(`prompt of ${ids.length} tokens exceeds the budget of ${limit}`);
+  return { ids, kept, shown: ctx };
+}
+
+/** runtime_python.chat._keep_end: the longest suffix that encodes to at most `room` tokens. */
+function keepEnd(tok, text, room) {
+  const cps = Array.from(text);
+  let lo = 0, hi = cps.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (tok.encode(cps.slice(mid).join("")).length <= room) hi = mid; else lo = mid + 1;
+  }
+  return cps.slice(lo).join("");
+}
