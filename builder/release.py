@@ -1,0 +1,252 @@
+"""`builder release`: the whole pipeline, corpus to a publishable Pages folder, with stage caching.
+
+Reads like nanochat's speedrun.sh: `STAGES` below is the pipeline, top to bottom, and each stage runs
+the same `builder` verb a maintainer would type. Design choices:
+- A stage is skipped ("cached") when the sha256 of its inputs (files it reads + its settings) equals
+  the one recorded in dist/release-state.json the last time it succeeded and its outputs still exist.
+- Training is expensive and its result is committed: models/release.lock.json records the inputs
+  (recipe, presets, steps) the champion was trained from. When the lock matches the profile and the
+  champion still exists, tokenizer/pretrain/sft-data/sft/registry are cached even in a clean clone,
+  and the release goes straight to export/card/site/docs.
+- Publishing is all or nothing: the site and docs are assembled in dist/.pages.partial and renamed to
+  dist/pages only at the end; a failing export gate stops the release before that.
+- `--profile quick` trains the tiny preset end to end into dist/quick/ (its own registry), so it can
+  run from an empty checkout without touching models/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from source.files import atomic_write_bytes, sha256_file
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    preset: str
+    vocab_size: int
+    pretrain_steps: int
+    sft_steps: int
+    sft_lr: float
+    registry: str  # registry folder
+    runs: str  # where training runs go
+    sft_data: str  # chat examples folder
+    sft_examples: int | None  # None: the generator's default
+    eval_limit: int
+
+
+PROFILES = {
+    "default": Profile("default", "small", 8192, 550, 900, 1e-3, "models", "runs", "datasets/built/sft", None, 200),
+    "quick": Profile("quick", "tiny", 4096, 300, 150, 1e-3, "dist/quick/models", "dist/quick/runs", "dist/quick/sft", 4000, 40),
+}
+LOCK = "release.lock.json"  # inside the profile's registry folder
+DIST = Path("dist")
+DATA, INDEX = Path("datasets/built/default"), Path("datasets/built/index.sqlite")
+RECIPE = Path("datasets/recipes/default.json")
+
+
+def digest(*parts: object) -> str:
+    """sha256 over files (by content), folders (every file, sorted) and plain values."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            files = sorted(p for p in part.rglob("*") if p.is_file()) if part.is_dir() else [part]
+            for f in files:
+                h.update(f.as_posix().encode())
+                h.update(sha256_file(f).encode() if f.is_file() else b"missing")
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Stage:
+    name: str
+    inputs: Callable[["Release"], list]
+    outputs: Callable[["Release"], list[Path]]
+    run: Callable[["Release"], None]
+    training: bool = False  # covered by models/release.lock.json
+    always: bool = False  # cheap and written into the fresh partial folder: never cached
+
+
+class Release:
+    def __init__(self, profile: Profile, cli: Callable[[list[str]], None], log: Callable[[str], None] = print) -> None:
+        self.p, self.cli, self.log = profile, cli, log
+        self.runs, self.registry, self.sft_data = Path(profile.runs), Path(profile.registry), Path(profile.sft_data)
+        self.tokenizer = self.runs / "tokenizer"
+        self.base, self.sft = self.runs / f"base-{profile.preset}", self.runs / f"sft-{profile.preset}"
+        self.export, self.card = DIST / "export", DIST / "card" / "README.md"
+        self.pages, self.partial = DIST / "pages", DIST / ".pages.partial"
+        self.state_path = DIST / f"release-state-{profile.name}.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.report: list[dict] = []
+
+    # -- the lock that lets a clean clone skip training
+
+    def training_inputs(self) -> str:
+        return digest(RECIPE, {k: v for k, v in asdict(self.p).items() if k not in ("registry", "runs", "sft_data")})
+
+    def lock(self) -> dict | None:
+        path = self.registry / LOCK
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def champion_dir(self) -> Path:
+        registry = json.loads((self.registry / "registry.json").read_text())
+        return self.registry / "versions" / registry["champion"]
+
+    def training_cached(self) -> str | None:
+        lock = self.lock()
+        if not lock or lock.get("inputs_sha256") != self.training_inputs():
+            return None
+        try:
+            folder = self.champion_dir()
+        except (OSError, KeyError, ValueError):
+            return None
+        if folder.name != lock.get("champion") or not (folder / "model.pth").is_file():
+            return None
+        return folder.name
+
+    def write_lock(self) -> None:
+        lock = {"profile": self.p.name, "champion": self.champion_dir().name, "inputs_sha256": self.training_inputs(),
+                "profile_settings": asdict(self.p), "recipe": str(RECIPE)}
+        atomic_write_bytes(self.registry / LOCK, (json.dumps(lock, indent=2) + "\n").encode())
+
+    # -- running
+
+    def execute(self, stages: list[Stage], force: set[str]) -> None:
+        trained = None if force & {s.name for s in stages if s.training} else self.training_cached()
+        for stage in stages:
+            t0 = time.perf_counter()
+            if stage.training and trained and stage.name not in force:
+                self._record(stage, "cached", 0.0, f"champion {trained} (models lock matches)")
+                continue
+            key = digest(*stage.inputs(self))
+            done = self.state.get(stage.name) == key and all(p.exists() for p in stage.outputs(self))
+            if done and not stage.always and stage.name not in force:
+                self._record(stage, "cached", 0.0, "inputs unchanged")
+                continue
+            self.log(f"release: == {stage.name} ==")
+            stage.run(self)
+            self.state[stage.name] = digest(*stage.inputs(self))  # inputs may be outputs of this very stage
+            DIST.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.state_path, (json.dumps(self.state, indent=2) + "\n").encode())
+            self._record(stage, "ran", time.perf_counter() - t0, "")
+
+    def _record(self, stage: Stage, status: str, seconds: float, note: str) -> None:
+        self.report.append({"stage": stage.name, "status": status, "seconds": round(seconds, 1), "note": note})
+        self.log(f"release: {stage.name:<10} {status:<7} {seconds:7.1f} s  {note}".rstrip())
+
+    def publish(self, started: float) -> dict:
+        manifest = json.loads((self.export / "manifest.json").read_text())
+        release = {
+            "format": "supermix-release-v1", "profile": asdict(self.p),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "champion": self.champion_dir().name, "model_version": manifest.get("model_version"),
+            "versions": manifest.get("versions"), "gates": manifest["gates"], "speed": manifest.get("speed"),
+            "stages": self.report, "seconds": round(time.perf_counter() - started, 1),
+            "hashes": {"export_manifest": sha256_file(self.export / "manifest.json"),
+                       "card": sha256_file(self.card), "registry": sha256_file(self.registry / "registry.json")},
+        }
+        if self.pages.exists():
+            old = DIST / ".pages.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.pages, old)
+            os.replace(self.partial, self.pages)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.partial, self.pages)
+        release["pages_bytes"] = sum(p.stat().st_size for p in self.pages.rglob("*") if p.is_file())
+        atomic_write_bytes(DIST / "release-manifest.json", (json.dumps(release, indent=2) + "\n").encode())
+        return release
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def _train_args(r: Release, verb: str, out: Path, steps: int, *extra: str) -> list[str]:
+    resume = ["--resume"] if (out / "train_state.pt").is_file() else []
+    return [verb, "--preset", r.p.preset, "--tokenizer", str(r.tokenizer), "--out", str(out), *resume,
+            "--set", f"max_steps={steps}", *extra]
+
+
+def _sft_data(r: Release) -> None:
+    from source.config import MODEL_PRESETS, SFT_PRESETS
+
+    limit = ["--limit", str(r.p.sft_examples)] if r.p.sft_examples else []
+    # examples must fit the SFT window, or the chat batches would cut the answers off
+    window = min(MODEL_PRESETS[r.p.preset]["max_seq_len"], SFT_PRESETS[r.p.preset]["seq_len"])
+    r.cli(["sft-data", "--data", str(DATA), "--index", str(INDEX), "--out", str(r.sft_data), "--tokenizer",
+           str(r.tokenizer), "--max-tokens", str(window), *limit, "--quiet"])
+
+
+def _registry(r: Release) -> None:
+    root = ["models", "--root", str(r.registry)]
+    r.cli([*root, "add", str(r.sft / "model.pth"), "--tokenizer", str(r.tokenizer),
+           "--dataset-manifest", str(DATA / "manifest.json"),
+           "--notes", f"builder release --profile {r.p.name}: {r.p.preset}, pretrain {r.p.pretrain_steps} + "
+                      f"SFT {r.p.sft_steps} steps"])
+    r.cli(["eval", "--model", "latest", "--root", str(r.registry), "--limit", str(r.p.eval_limit),
+           "--sft-data", str(r.sft_data), "--data", str(DATA), "--index", str(INDEX)])
+    r.cli([*root, "champion", "--auto"])
+    r.write_lock()
+
+
+def _site(r: Release) -> None:
+    shutil.rmtree(r.partial, ignore_errors=True)
+    r.cli(["site", "--export", str(r.export), "--out", str(r.partial), "--card", str(r.card)])
+
+
+def _docs(r: Release) -> None:
+    r.cli(["docs", "--out", str(r.partial / "docs"), "--card", str(r.card), "--root", str(r.registry)])
+
+
+STAGES = [
+    Stage("data", lambda r: [RECIPE], lambda r: [DATA / "manifest.json"],
+          lambda r: r.cli(["data", "build", "--recipe", str(RECIPE), "--out", str(DATA), "--quiet"])),
+    Stage("tokenizer", lambda r: [DATA / "manifest.json", r.p.vocab_size], lambda r: [r.tokenizer / "tokenizer.model"],
+          lambda r: r.cli(["tokenizer", "train", "--data", str(DATA), "--out", str(r.tokenizer), "--vocab-size",
+                           str(r.p.vocab_size)]), training=True),
+    Stage("pretrain", lambda r: [r.tokenizer / "tokenizer.model", DATA / "manifest.json", asdict(r.p)],
+          lambda r: [r.base / "model.pth"],
+          lambda r: r.cli(_train_args(r, "pretrain", r.base, r.p.pretrain_steps, "--data", str(DATA), "--no-samples")),
+          training=True),
+    Stage("index", lambda r: [DATA / "manifest.json"], lambda r: [INDEX],
+          lambda r: r.cli(["index", "build", "--data", str(DATA), "--out", str(INDEX), "--quiet"])),
+    Stage("sft-data", lambda r: [INDEX, r.tokenizer / "tokenizer.model", r.p.sft_examples],
+          lambda r: [r.sft_data / "train.jsonl"], _sft_data, training=True),
+    Stage("sft", lambda r: [r.base / "model.pth", r.sft_data / "train.jsonl", asdict(r.p)], lambda r: [r.sft / "model.pth"],
+          lambda r: r.cli(_train_args(r, "sft", r.sft, r.p.sft_steps, "--base", str(r.base / "model.pth"),
+                                      "--data", str(r.sft_data), "--set", f"lr={r.p.sft_lr}", "--samples", "0")),
+          training=True),
+    Stage("registry", lambda r: [r.sft / "model.pth"], lambda r: [r.registry / LOCK], _registry, training=True),
+    Stage("export", lambda r: [r.registry / "registry.json", INDEX], lambda r: [r.export / "manifest.json"],
+          lambda r: r.cli(["export", "--model", "champion", "--root", str(r.registry), "--out", str(r.export),
+                           "--index", str(INDEX), "--data", str(DATA)])),
+    Stage("card", lambda r: [r.export / "manifest.json", r.registry / "registry.json"], lambda r: [r.card],
+          lambda r: r.cli(["card", "--model", "champion", "--root", str(r.registry), "--export", str(r.export),
+                           "--dataset-manifest", str(DATA / "manifest.json"), "--out", str(r.card)])),
+    # the site and the docs are always rebuilt: they are cheap and land in the fresh partial folder
+    Stage("site", lambda r: [r.card, r.export / "manifest.json"], lambda r: [], _site, always=True),
+    Stage("docs", lambda r: [r.card], lambda r: [], _docs, always=True),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+def select(start: str | None, only: str | None) -> tuple[list[Stage], set[str]]:
+    """(stages to consider, stages forced to run) for --from / --only."""
+    if only:
+        stages = [s for s in STAGES if s.name == only]
+        if only not in ("site", "docs"):
+            return stages, {only}
+        return [s for s in STAGES if s.name in ("site", "docs")], {"site", "docs"}
+    if start:
+        i = STAGE_NAMES.index(start)
+        return STAGES, set(STAGE_NAMES[i:])
+    return STAGES, set()
