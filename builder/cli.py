@@ -8,6 +8,9 @@
     builder sft                   chat fine-tuning (full or LoRA)
     builder eval                  bits-per-byte, grounded QA, refusals, samples
     builder models ...            versioned registry and the champion
+    builder export                HF folder + ONNX (KV cache) + int8/q4 + manifest, behind parity gates
+    builder card | site | docs    model card, the in-browser chat site, the mkdocs site
+    builder release               all of the above, each stage cached by input hashes
 """
 
 import click
@@ -17,9 +20,11 @@ from builder.data_cmd import data
 from builder.docs_cmd import docs
 from builder.index_cmd import index
 from builder.models_cmd import models
+from builder.release_cmd import release
 from builder.site_cmd import site
 from builder.tokenizer_cmd import tokenizer
 from builder.eval_cmd import eval_
+from builder.export_cmd import export
 from builder.sft_cmd import sft
 from builder.sft_data_cmd import sft_data
 from builder.train_cmd import pretrain
@@ -53,8 +58,10 @@ main.add_command(sft_data)
 main.add_command(eval_)
 main.add_command(models)
 main.add_command(site)
+main.add_command(export)
 main.add_command(card)
 main.add_command(docs)
+main.add_command(release)
 
 if __name__ == "__main__":
     main()
