@@ -2,12 +2,16 @@
 
     python benchmarks/decode.py [--checkpoint runs/base-small/model.pth] [--preset small]
                                 [--prompt-tokens 64] [--new-tokens 128] [--threads 1] [--compile]
+                                [--onnx dist/export]
 
 Rows, measured one after another in this one process, on the same prompt:
 - `hf-generate`: transformers' LlamaForCausalLM (fp32, its default sdpa attention), our weights
   converted with `source.model.hf_state_dict`/`hf_config_dict`, greedy, `min_new_tokens` = `max_new_tokens`
 - `ours-fp32`, `ours-bf16`, `ours-int8`: `TorchBackend` prefill + one `decode` per token, greedy through
   `sample_next` (the chat engine's own loop minus detokenizing); `--compile` adds `+compile` rows
+- `onnx-fp32`, `onnx-int8`: `OnnxBackend` (onnxruntime, KV cache kept in the session) over the export
+  folder `--onnx` (default dist/export when it exists; it must hold the same weights as --checkpoint:
+  `builder export --model X` of that checkpoint), same loop
 Each row: tokens/s over the whole generation (prompt prefill + new tokens, the median of `--repeats`
 timed runs after one warm-up), ms per token, the ratio to hf-generate, and how many of the new tokens
 equal HF's greedy tokens (fp32 must match all; bf16/int8 drift by design). Target: ours >= 10x HF.
@@ -107,6 +111,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for every row")
     ap.add_argument("--dtypes", default="fp32,bf16,int8")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows (slow to compile)")
+    ap.add_argument("--onnx", default="dist/export", help="export folder for the onnx rows (skipped if missing)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,6 +151,15 @@ def main() -> None:
             continue
         rows.append((name, dtype, s, tokens, first if compiled else None))
         backend.release()
+    if (Path(args.onnx) / "onnx" / "model.onnx").is_file():
+        from runtime_python.onnx_backend import OnnxBackend
+
+        for dtype in ("fp32", "q8"):
+            backend = OnnxBackend(args.onnx, dtype, threads=args.threads)
+            s, tokens = timed(lambda: ours(backend, prompt, n, eos), args.repeats)
+            rows.append((f"onnx-{'int8' if dtype == 'q8' else dtype}", dtype, s, tokens, None))
+    else:
+        print(f"no ONNX rows: {args.onnx}/onnx/model.onnx not found (builder export --out {args.onnx})")
 
     print()
     print("| engine | weights | tok/s | ms/token | vs hf-generate | tokens equal to HF |")

@@ -53,6 +53,7 @@ class OnnxForward(nn.Module):
         B, S = input_ids.shape
         P = past[0].shape[2]
         H, KV, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        G = H // KV
         freqs = position_ids.unsqueeze(-1).float() * self.inv_freq  # (B, S, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)  # (B, 1, S, D)
@@ -60,7 +61,7 @@ class OnnxForward(nn.Module):
         keys = torch.arange(P + S, device=input_ids.device)
         queries = torch.arange(S, device=input_ids.device) + P
         allowed = (keys[None, :] <= queries[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)  # (B, 1, S, P + S)
         h = m.embed_tokens(input_ids)
         presents: list[torch.Tensor] = []
         for i, block in enumerate(m.layers):
@@ -72,9 +73,12 @@ class OnnxForward(nn.Module):
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]
-            k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
-            att = torch.softmax((q @ k.transpose(-1, -2)) * (D ** -0.5) + bias, dim=-1)
-            h = h + a.o_proj((att @ v).transpose(1, 2).reshape(B, S, H * D))
+            # grouped heads without copying K/V per group: the G query heads of a kv head become
+            # G*S rows of one matmul against that kv head (head h reads kv head h // G, as in HF)
+            q = q.reshape(B, KV, G * S, D)
+            att = (q @ k.transpose(-1, -2)).view(B, KV, G, S, P + S) * (D ** -0.5) + bias[:, :, None]
+            y = torch.softmax(att, dim=-1).view(B, KV, G * S, P + S) @ v  # (B, KV, G*S, D)
+            h = h + a.o_proj(y.view(B, H, S, D).transpose(1, 2).reshape(B, S, H * D))
             h = h + block.mlp(block.post_attention_layernorm(h))
         return (m.lm_head(m.norm(h)), *presents)
 

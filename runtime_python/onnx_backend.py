@@ -53,6 +53,10 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if dtype != "fp32":
+            # lets constant folding turn the int8 embedding's DequantizeLinear (+ the tied lm_head's
+            # Transpose) into one fp32 table at load, instead of every step: -16% per token here
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self._ort = ort
         inputs = {i.name for i in self.session.get_inputs()}
