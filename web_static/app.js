@@ -151,6 +151,7 @@ $("composer").addEventListener("submit", (e) => {
   const settings = { temperature: num("temperature", 0.7), top_p: num("top-p", 0.9),
                      max_new_tokens: Math.max(1, Math.round(num("max-tokens", 256))), retrieval: $("retrieval").checked };
   if (params.has("seed")) settings.seed = Number(params.get("seed"));
+  if (params.has("min_new_tokens")) settings.min_new_tokens = Number(params.get("min_new_tokens"));  // benchmarks
   worker.postMessage({ type: "generate", id: current.id, messages: [...history], settings });
   setBusy(true);
   setStatus("Thinking…");

@@ -179,7 +179,7 @@ async function generate({ id, messages, settings }) {
     input_ids: new Tensor("int64", inputIds, [1, ids.length]),
     attention_mask: new Tensor("int64", new BigInt64Array(ids.length).fill(1n), [1, ids.length]),
     max_new_tokens: cfg.max_new_tokens, do_sample: false, num_beams: 1, top_k: 0, repetition_penalty: 1.0,
-    no_repeat_ngram_size: 0, min_length: 0, min_new_tokens: null, eos_token_id: [...endIds],
+    no_repeat_ngram_size: 0, min_length: 0, min_new_tokens: cfg.min_new_tokens ?? null, eos_token_id: [...endIds],
     logits_processor: [sampler(cfg, rng(cfg.seed))], stopping_criteria: [stopping], streamer,
   });
   const seconds = (performance.now() - t0) / 1000;
