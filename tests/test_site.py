@@ -84,7 +84,7 @@ def test_site_layout(site, tiny_export):
     from builder.site import runtime_settings
 
     assert (site / ".nojekyll").is_file()
-    for f in ("index.html", "model.html", "about.html", "app.js", "worker.js", "retrieval.js", "prompt.js",
+    for f in ("index.html", "model.html", "about.html", "app.js", "worker.js", "sw.js", "retrieval.js", "prompt.js",
               "vendor/transformers.js", "vendor/ort/ort-wasm-simd-threaded.asyncify.wasm",
               "vendor/ort/ort-wasm-simd-threaded.asyncify.mjs", "models/supermix/onnx/model_quantized.onnx",
               "models/supermix/onnx/model.onnx", "models/supermix/tokenizer.json", "models/supermix/index/meta.json",
@@ -254,6 +254,10 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         _wait(page, "window.supermix && window.supermix.ready")
         again = [u for u in requests[before:] if u.endswith((".onnx", ".wasm", "tokenizer.json", ".bin"))]
         assert again == [], again
+        ctx.set_offline(True)  # third visit, offline: the service worker serves the page, caches the rest
+        page.reload()
+        _wait(page, "window.supermix && window.supermix.ready")
+        ctx.set_offline(False)
 
         # model card and about pages render from the shipped files, markup escaped
         page.goto(server + "model.html")

@@ -136,6 +136,8 @@ worker.onmessage = ({ data }) => {
 };
 worker.onerror = (e) => { app.errors.push(e.message); setStatus(`Worker failed: ${e.message}`); };
 worker.postMessage({ type: "load", dtype });
+// the service worker keeps the page itself for offline visits (the model is cached by worker.js)
+if ("serviceWorker" in navigator && !params.has("nosw")) navigator.serviceWorker.register("sw.js").catch(() => {});
 
 $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
