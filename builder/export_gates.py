@@ -147,10 +147,14 @@ def optimum_gate(folder: Path, prompts: list[list[int]], reference: list[list[in
                     required=False)
     ort_model = ORTModelForCausalLM.from_pretrained(folder, file_name="model.onnx", subfolder="onnx", use_cache=True,
                                                     use_io_binding=False)
+    from transformers import GenerationConfig
+
+    # with subfolder="onnx", optimum looks for generation_config.json beside the .onnx file: load ours
+    generation = GenerationConfig.from_pretrained(folder)
     same = 0
     for ids, ref in zip(prompts, reference):
         out = ort_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=GREEDY_TOKENS, do_sample=False)
+                                 generation_config=generation, max_new_tokens=GREEDY_TOKENS, do_sample=False)
         tokens = out[0, len(ids):].tolist()
         same += (tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens) == ref  # generate keeps the eos
     return gate(name, same == len(prompts), f"{same}/{len(prompts)} prompts", "all", "stops at generation_config eos")

