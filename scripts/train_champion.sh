@@ -2,13 +2,15 @@
 # The default champion, end to end, the way nanochat's speedrun.sh reads: corpus -> tokenizer -> index ->
 # chat data -> pretrain -> SFT -> registry -> eval -> champion. Every training step is resumable: stop it
 # at any time (Ctrl-C or kill) and run the script again; finished stages are skipped or resumed.
-#   PRETRAIN_STEPS=3000 SFT_STEPS=1500 bash scripts/train_champion.sh
-# On the 2-core reference machine a small-preset step takes ~4 s (batch 16 x 512), so 3000 + 1500 steps
-# is ~5 h: run it in pieces of <= 90 min (timeout 90m bash scripts/train_champion.sh) on an idle machine.
+#   PRETRAIN_STEPS=550 SFT_STEPS=900 bash scripts/train_champion.sh
+# On the 2-core reference machine a small-preset step takes 4-6 s (batch 16 x 512; 1 thread with
+# OMP_NUM_THREADS=1 is only ~20% slower and leaves a core free), so 550 + 900 steps is ~2.5 h: run it
+# in pieces of <= 90 min (timeout 90m bash scripts/train_champion.sh). The defaults are the `default`
+# profile of `builder release` (builder/release.py), which runs the same stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PRETRAIN_STEPS="${PRETRAIN_STEPS:-3000}"
-SFT_STEPS="${SFT_STEPS:-1500}"
+PRETRAIN_STEPS="${PRETRAIN_STEPS:-550}"
+SFT_STEPS="${SFT_STEPS:-900}"
 BASE=runs/base-small
 SFT=runs/sft-small
 
