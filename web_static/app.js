@@ -99,6 +99,7 @@ worker.onmessage = ({ data }) => {
   } else if (data.type === "ready") {
     app.ready = true;
     app.loadMs = data.load_ms;
+    app.loadSteps = data.steps;  // ms from the start of loading to the end of each step
     app.site = data.site;
     $("loader").hidden = true;
     if (!data.retrieval) { $("retrieval").checked = false; $("retrieval").disabled = true; }

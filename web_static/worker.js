@@ -72,12 +72,20 @@ async function load(dtype) {
     }
   }
   const progress = (file) => (loaded, total) => post({ type: "progress", file, loaded, total });
-  // the wasm is the biggest download (27 MB): fetch it ourselves so the bar shows it and it is cached
-  env.backends.onnx.wasm.wasmBinary = new Uint8Array(
-    await cachedBytes(here("vendor/ort/ort-wasm-simd-threaded.asyncify.wasm"), progress("ort-wasm")));
   const onFile = (e) => { if (e.status === "progress") post({ type: "progress", file: e.file, loaded: e.loaded, total: e.total }); };
-  tokenizer = await AutoTokenizer.from_pretrained(site.model_id, { progress_callback: onFile });
-  model = await AutoModelForCausalLM.from_pretrained(site.model_id, { dtype, device: "wasm", progress_callback: onFile });
+  const steps = {};
+  const timed = (name, promise) => promise.finally(() => { steps[name] = Math.round(performance.now() - t0); });
+  // tokenizer and index do not need the wasm: they load while it downloads and compiles
+  const tokenizerReady = timed("tokenizer", AutoTokenizer.from_pretrained(site.model_id, { progress_callback: onFile }));
+  const indexReady = timed("index", site.index ? new BrowserIndex(here(site.index), (u) => cachedBytes(u)).load().catch((e) => {
+    post({ type: "warning", message: `retrieval off: ${e.message}` });
+    return null;
+  }) : Promise.resolve(null));
+  // the wasm is the biggest download (27 MB): fetch it ourselves so the bar shows it and it is cached
+  env.backends.onnx.wasm.wasmBinary = new Uint8Array(await timed("wasm",
+    cachedBytes(here("vendor/ort/ort-wasm-simd-threaded.asyncify.wasm"), progress("ort-wasm"))));
+  model = await timed("model", AutoModelForCausalLM.from_pretrained(site.model_id, { dtype, device: "wasm", progress_callback: onFile }));
+  [tokenizer, index] = await Promise.all([tokenizerReady, indexReady]);
   // transformers.js awaits only microtasks between tokens; yield a macrotask per forward pass so a
   // "stop" message is handled mid-reply (MessageChannel: no 4 ms setTimeout clamp)
   const forward = model.forward.bind(model);
@@ -89,11 +97,7 @@ async function load(dtype) {
   maxSeqLen = model.config.max_position_embeddings;
   // runtime_python.chat: </s>, <s> and every chat-role token end a reply
   endIds = new Set(site.end_tokens.map((t) => tokenizer.encode(t, { add_special_tokens: false })[0]));
-  if (site.index) index = await new BrowserIndex(here(site.index), (u) => cachedBytes(u)).load().catch((e) => {
-    post({ type: "warning", message: `retrieval off: ${e.message}` });
-    return null;
-  });
-  post({ type: "ready", dtype, load_ms: Math.round(performance.now() - t0), site, retrieval: !!index });
+  post({ type: "ready", dtype, load_ms: Math.round(performance.now() - t0), steps, site, retrieval: !!index });
 }
 
 function nextTask() {
