@@ -57,9 +57,10 @@ def release(profile: str, start: str | None, only: str | None) -> None:
     click.echo(f"{'stage':<10} {'status':<7} {'seconds':>8}  note")
     for s in summary["stages"]:
         click.echo(f"{s['stage']:<10} {s['status']:<7} {s['seconds']:>8.1f}  {s['note']}")
-    failed = [g["name"] for g in summary["gates"] if g["required"] and not g["passed"]]
-    click.echo(f"gates: {sum(1 for g in summary['gates'] if g['passed'])}/{len(summary['gates'])} passed"
-               + (f", failed: {failed}" if failed else ""))
+    required = [g for g in summary["gates"] if g["required"]]
+    below = [f"{g['name']} ({g['value']})" for g in summary["gates"] if not g["required"] and g["passed"] is False]
+    click.echo(f"gates: {sum(bool(g['passed']) for g in required)}/{len(required)} required passed"
+               + (f"; reported below target: {', '.join(below)}" if below else ""))
     click.echo(f"release: champion {summary['champion']} -> {r.pages} ({summary['pages_bytes'] / 1e6:.1f} MB), "
                f"dist/release-manifest.json, {summary['seconds']:.0f} s")
     click.echo(f"serve it: python -m http.server -d {r.pages} 8000  ->  http://127.0.0.1:8000/")
