@@ -116,14 +116,14 @@ def test_site_without_node_modules(tiny_export, tmp_path):
 
 # ----------------------------------------------------------------------------- Chromium
 
-def _reference(export: Path, messages: list[dict], max_new_tokens: int) -> dict:
-    """runtime_python's reply on the same q8 ONNX file and the same browser index: ids, text, sources."""
+def _reference(export: Path, messages: list[dict], max_new_tokens: int, dtype: str = "q8") -> dict:
+    """runtime_python's reply on the same ONNX file and the same browser index: ids, text, sources."""
     import runtime_python.chat as chat
     from builder.browser_index import BrowserIndex
     from runtime_python.generation import GenerationConfig
     from runtime_python.onnx_backend import OnnxBackend
 
-    backend = OnnxBackend(export, dtype="q8")
+    backend = OnnxBackend(export, dtype=dtype)
     tok = backend.tokenizer
     end = {tok.eos_id, tok.bos_id, *tok.special_ids.values()}
     sampled: list[int] = []
@@ -258,6 +258,17 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         page.reload()
         _wait(page, "window.supermix && window.supermix.ready")
         ctx.set_offline(False)
+
+        # fp32 weights (?dtype=fp32): the same equality on onnx/model.onnx
+        page.goto(server + "?dtype=fp32&temperature=0&max_new_tokens=24&nosw=1")
+        _wait(page, "window.supermix && window.supermix.ready")
+        page.fill("#prompt", "What is a closure?")
+        page.press("#prompt", "Enter")
+        _wait(page, "window.supermix.replies.length >= 1")
+        got = page.evaluate("window.supermix.replies[0]")
+        want = _reference(tiny_export, [{"role": "user", "content": "What is a closure?"}], 24, dtype="fp32")
+        assert (got["token_ids"], got["text"]) == (want["token_ids"], want["text"])
+        assert any(u.endswith("onnx/model.onnx") for u in requests)
 
         # model card and about pages render from the shipped files, markup escaped
         page.goto(server + "model.html")
