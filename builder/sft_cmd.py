@@ -17,6 +17,17 @@ def answer(model, tokenizer, example: dict, max_new_tokens: int = 80) -> str:
     return reply(model, tokenizer, to_chat_messages(prompt), max_new_tokens)
 
 
+def _check_same_base(out_dir: Path, base: Path, base_sha: str) -> None:
+    """Resuming continues the weights in out_dir: if --base changed since the run started (e.g. the
+    base was pretrained further), resuming would silently fine-tune the old base."""
+    run = out_dir / "run.json"
+    started_from = json.loads(run.read_text()).get("parent_sha256") if run.is_file() else None
+    if started_from and started_from != base_sha:
+        raise click.ClickException(f"{out_dir} was started from a base with sha256 {started_from[:12]}..., but {base} "
+                                   f"is now {base_sha[:12]}...: start a fresh run (another --out, or delete "
+                                   f"{out_dir}) instead of --resume")
+
+
 @click.command()
 @click.option("--preset", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "blueprint-700m"]),
               help="Training preset for fine-tuning (SFT_PRESETS in source/config.py).")
@@ -44,6 +55,7 @@ def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: P
       builder sft --preset small --base runs/base-small/model.pth --out runs/sft-small --resume
     """
     from source.checkpoint import load_model, read_checkpoint
+    from source.files import sha256_file
     from source.config import ModelConfig, train_config
     from source.sft_batches import ChatBatches, read_jsonl
     from source.tokenizer import Tokenizer
@@ -65,14 +77,17 @@ def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: P
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     out_dir = out_dir or Path("runs") / f"sft-{preset}"
+    base_sha = sha256_file(base)
+    if resume:
+        _check_same_base(out_dir, base, base_sha)
     state = process_state()
     if state.is_main_process:
         click.echo(f"data: {len(data):,} train chats, {len(data.splits['val']):,} held-out ({data_dir})")
     result = train(ModelConfig(**base_ckpt["config"]), tcfg, data, out_dir, tokenizer_sha256=tok.sha256,
                    kind="lora-merged" if lora else "sft", resume=resume, init_from=base,
                    lora_rank=lora_rank if lora else 0, lora_alpha=lora_alpha,
-                   metadata={"parent_checkpoint": str(base), "preset": preset, "sft_data": str(data_dir),
-                             "base_step": base_ckpt.get("step")})
+                   metadata={"parent_checkpoint": str(base), "parent_sha256": base_sha, "preset": preset,
+                             "sft_data": str(data_dir), "base_step": base_ckpt.get("step")})
     if not state.is_main_process:
         return
     click.echo(json.dumps(vars(result)))

@@ -78,6 +78,11 @@ def test_sft_full_and_lora_via_cli(tiny_workspace, tiny_base, sft_dir, tmp_path)
     run = json.loads((tmp_path / "lora" / "run.json").read_text())
     assert 0 < run["trainable_params"] < run["params"] / 5
 
+    # resuming the full run on top of another base would fine-tune the old weights: refused
+    other = [*common[:3], str(tmp_path / "lora" / "model.pth"), *common[4:]]
+    stale = runner.invoke(builder_main, ["sft", *other, "--out", str(tmp_path / "full"), "--resume"])
+    assert stale.exit_code != 0 and "start a fresh run" in stale.output
+
 
 def test_sft_rejects_mismatched_inputs(tiny_workspace, tiny_base, sft_dir, tmp_path):
     runner = CliRunner()
