@@ -229,7 +229,9 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scroll
         page.screenshot(path=str(art / "site-chat-phone.png"), full_page=True)
 
-        # Stop: a long sampled reply ends early with finish_reason "stop"
+        # Stop: a long sampled reply (min_new_tokens: it cannot end by itself) ends early with "stop"
+        page.goto(server + "?max_new_tokens=100&min_new_tokens=100&seed=1")
+        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)")
         page.click("#settings summary")
         page.fill("#max-tokens", "100")  # the tiny model's window is 256 tokens
         page.focus("#temperature")
@@ -237,10 +239,10 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         assert page.locator("#temperature-out").inner_text() == "2"
         page.fill("#prompt", "Tell me a long story")
         page.click("#send")
-        _wait(page, "document.querySelectorAll('.msg.assistant .body')[3].textContent.length > 0")
-        page.keyboard.press("Escape")  # = Stop; a key, because the reply may already be over (button disabled)
-        _wait(page, "window.supermix.replies.length >= 3")
-        stopped = page.evaluate("window.supermix.replies[2]")
+        _wait(page, "document.querySelectorAll('.msg.assistant .body')[0].textContent.length > 0")
+        page.keyboard.press("Escape")  # = Stop, from the keyboard
+        _wait(page, "window.supermix.replies.length >= 1")
+        stopped = page.evaluate("window.supermix.replies[0]")
         assert stopped["finish_reason"] == "stop" and stopped["completion_tokens"] < 100
 
         # New chat clears the conversation

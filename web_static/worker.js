@@ -187,7 +187,8 @@ async function generate({ id, messages, settings }) {
     logits_processor: [sampler(cfg, rng(cfg.seed))], stopping_criteria: [stopping], streamer,
   });
   const seconds = (performance.now() - t0) / 1000;
-  const text = tokenizer.decode(out, { skip_special_tokens: true });
+  // transformers.js refuses to decode [] (a reply that ended or was stopped before its first token)
+  const text = out.length ? tokenizer.decode(out, { skip_special_tokens: true }) : "";
   const cited = new Set(citedNumbers(text));
   const finish = lastId !== null && endIds.has(lastId) || stopping.interrupted ? "stop" : "length";
   post({ type: "done", id, reply: {
