@@ -47,6 +47,11 @@ class OnnxForward(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def rms_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        # x / sqrt(...), not x * rsqrt(...): onnxruntime fuses this form into one
+        # SimplifiedLayerNormalization node (the rsqrt form stays 6 nodes per norm)
+        return norm.weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cfg, m = self.cfg, self.model
@@ -66,7 +71,7 @@ class OnnxForward(nn.Module):
         presents: list[torch.Tensor] = []
         for i, block in enumerate(m.layers):
             a = block.self_attn
-            x = block.input_layernorm(h)
+            x = self.rms_norm(h, block.input_layernorm)
             q = apply_rope(a.q_proj(x).view(B, S, H, D).transpose(1, 2), cos, sin)
             k = apply_rope(a.k_proj(x).view(B, S, KV, D).transpose(1, 2), cos, sin)
             v = a.v_proj(x).view(B, S, KV, D).transpose(1, 2)
@@ -79,8 +84,8 @@ class OnnxForward(nn.Module):
             att = (q @ k.transpose(-1, -2)).view(B, KV, G, S, P + S) * (D ** -0.5) + bias[:, :, None]
             y = torch.softmax(att, dim=-1).view(B, KV, G * S, P + S) @ v  # (B, KV, G*S, D)
             h = h + a.o_proj(y.view(B, H, S, D).transpose(1, 2).reshape(B, S, H * D))
-            h = h + block.mlp(block.post_attention_layernorm(h))
-        return (m.lm_head(m.norm(h)), *presents)
+            h = h + block.mlp(self.rms_norm(h, block.post_attention_layernorm))
+        return (m.lm_head(self.rms_norm(h, m.norm)), *presents)
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
