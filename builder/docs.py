@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+from source.files import replace_dir
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
@@ -52,7 +54,5 @@ def build_docs(out: Path, card: Path | None = None, root: Path = Path("models"),
             shutil.rmtree(partial, ignore_errors=True)
             lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "│" not in ln]
             raise click.ClickException("mkdocs build --strict failed (docs/mkdocs.yml):\n" + "\n".join(lines[-20:]))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        replace_dir(partial, out)
     return out

@@ -16,7 +16,6 @@ Design choices (DESIGN §2 records the measurements behind them):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from source.files import sha256_file
+from source.files import replace_dir, sha256_file
 from source.model import Transformer, apply_rope, hf_config_dict, hf_state_dict
 from source.tokenizer import Tokenizer
 
@@ -241,12 +240,5 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
     failed = [g for g in gates if g["required"] and g["passed"] is False]
     if failed:
         raise GateError(failed, partial)
-    if out.exists():  # swap: the old folder goes only once the new one is complete
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(partial, out)
+    replace_dir(partial, out)
     return manifest

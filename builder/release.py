@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from source.files import atomic_write_bytes, sha256_file
+from source.files import atomic_write_bytes, replace_dir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -155,14 +154,7 @@ class Release:
             "hashes": {"export_manifest": sha256_file(self.export / "manifest.json"),
                        "card": sha256_file(self.card), "registry": sha256_file(self.registry / "registry.json")},
         }
-        if self.pages.exists():
-            old = DIST / ".pages.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.pages, old)
-            os.replace(self.partial, self.pages)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.partial, self.pages)
+        replace_dir(self.partial, self.pages)
         release["pages_bytes"] = sum(p.stat().st_size for p in self.pages.rglob("*") if p.is_file())
         atomic_write_bytes(DIST / "release-manifest.json", (json.dumps(release, indent=2) + "\n").encode())
         return release

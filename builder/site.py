@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from source.files import replace_dir
+
 WEB_STATIC = Path(__file__).resolve().parent.parent / "web_static"
+BASE_STYLE = Path(__file__).resolve().parent.parent / "runtime_python" / "static" / "style.css"
 MODEL_ID = "supermix"  # the site serves the export at models/supermix/
 ORT_FILES = ("ort-wasm-simd-threaded.asyncify.wasm", "ort-wasm-simd-threaded.asyncify.mjs")
 SKIP_STATIC = {"node_modules", "package.json", "package-lock.json"}
@@ -122,6 +124,8 @@ def build_site(export_dir: Path, out_dir: Path, card: Path | None = None, web_st
         for src in sorted(web_static.iterdir()):
             if src.name not in SKIP_STATIC and src.is_file() and not src.name.startswith("."):
                 sizes["app"] += _copy(src, partial / src.name)
+        # the base style is the one `supermix serve` uses: one stylesheet for both chat pages
+        sizes["app"] += _copy(BASE_STYLE, partial / "style.css")
         sizes["vendor"] += _copy(npm["transformers"], partial / "vendor" / "transformers.js")
         for name in ORT_FILES:
             sizes["vendor"] += _copy(npm["ort_dist"] / name, partial / "vendor" / "ort" / name)
@@ -148,15 +152,7 @@ def build_site(export_dir: Path, out_dir: Path, card: Path | None = None, web_st
                 **runtime_settings()}
         (partial / "site.json").write_text(json.dumps(site, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         (partial / ".nojekyll").write_bytes(b"")  # Pages: serve the folder as is (no Jekyll)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(partial, out_dir)
-            shutil.rmtree(old)
-        else:
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(partial, out_dir)
+        replace_dir(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

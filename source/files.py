@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_dir(new: str | Path, dest: str | Path) -> None:
+    """Move the finished folder `new` to `dest`, replacing what is there: the old folder is renamed
+    aside first and deleted only after the new one is in place, so `dest` is never half-written."""
+    new, dest = Path(new), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

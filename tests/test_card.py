@@ -67,7 +67,7 @@ def test_card_numbers_come_from_the_registry_and_eval(registry, tmp_path):
                 f"| attention heads | {c['n_heads']} |", f"| key/value heads | {c['n_kv_heads']} |",
                 f"| FFN (SwiGLU) hidden | {c['ffn_hidden']} |", f"| vocabulary | {c['vocab_size']:,} |",
                 f"| context window | {c['max_seq_len']:,} tokens |", f"{v.params:,} total",
-                f"| grounded QA: key fact and right citation | 0.1250 |", "| citation accuracy | 0.5000 |",
+                "| grounded QA: key fact and right citation | 0.1250 |", "| citation accuracy | 0.5000 |",
                 f"| pretraining steps | {v.training['steps']:,} |", "<code>&lt;&#124;end&#124;&gt;</code>", "PSF-2.0", "GFDL-1.1-or-later",
                 "It returns None [1].", "PyTorch (TorchBackend) fp32", "run with `--export DIR`",
                 "v2 is the registry champion", "| base run it started from | 40 steps"):

@@ -1,7 +1,5 @@
 """`builder docs`: the mkdocs-material site builds strictly, offline, with the CLI reference and the card."""
 
-from pathlib import Path
-
 from click.testing import CliRunner
 
 from builder.cli import main

@@ -84,7 +84,7 @@ def test_site_layout(site, tiny_export):
     from builder.site import runtime_settings
 
     assert (site / ".nojekyll").is_file()
-    for f in ("index.html", "model.html", "about.html", "app.js", "worker.js", "sw.js", "retrieval.js", "prompt.js",
+    for f in ("index.html", "model.html", "about.html", "style.css", "site.css", "app.js", "worker.js", "sw.js", "retrieval.js", "prompt.js",
               "vendor/transformers.js", "vendor/ort/ort-wasm-simd-threaded.asyncify.wasm",
               "vendor/ort/ort-wasm-simd-threaded.asyncify.mjs", "models/supermix/onnx/model_quantized.onnx",
               "models/supermix/onnx/model.onnx", "models/supermix/tokenizer.json", "models/supermix/index/meta.json",
