@@ -35,13 +35,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 from source.sft_data import DEFAULT_SYSTEM_PROMPT, clip_text, prepare_context, to_chat_messages
-from source.tokenizer import Tokenizer, format_context
+from source.tokenizer import SPECIAL_TOKENS, Tokenizer, format_context
 from runtime_python.backends import ChatBackend
 from runtime_python.generation import (GenerationConfig, IncrementalDetokenizer, StopChecker, make_generator,
                                        sample_next)
 
 MIN_PASSAGE_CHARS = 60
 _CITE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_SPECIAL = re.compile("|".join(map(re.escape, sorted(SPECIAL_TOKENS, key=len, reverse=True))))
+
+
+def defuse_special_tokens(text: str) -> str:
+    """Message text that spells a special token ("<|end|>", "<|system|>", "<s>") would be encoded as
+    that token (the tokenizer, like HF's, matches them anywhere), so a user could forge turns or a
+    system prompt. Its "<" becomes "\u2039" (a look-alike): the text stays readable and encodes as text.
+    web_static/prompt.js does the same, so the browser's prompt ids stay equal to these."""
+    return _SPECIAL.sub(lambda m: "\u2039" + m.group()[1:], text)
 
 
 @dataclass
@@ -80,9 +89,9 @@ def _split(messages: list[dict], system_prompt: str) -> tuple[str, list[dict], s
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}]: must be an object with a string content")
         if m.get("role") == "system":
-            system.append(m["content"])
+            system.append(defuse_special_tokens(m["content"]))
         elif m.get("role") in ("user", "assistant"):
-            turns.append({"role": m["role"], "content": m["content"]})
+            turns.append({"role": m["role"], "content": defuse_special_tokens(m["content"])})
         else:
             raise ValueError(f"messages[{i}].role: {m.get('role')!r} is not one of system, user, assistant")
     if not turns or turns[-1]["role"] != "user":

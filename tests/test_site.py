@@ -282,3 +282,18 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         page.screenshot(path=str(art / "site-about.png"), full_page=True)
         browser.close()
     assert external == []
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_prompt_js_defuses_special_tokens_like_python():
+    from test_runtime_engine import INJECTIONS
+
+    from runtime_python.chat import defuse_special_tokens
+
+    script = ("import { defuseSpecialTokens } from '%s';\n"
+              "process.stdout.write(JSON.stringify(JSON.parse(process.argv[1]).map(defuseSpecialTokens)));"
+              % (REPO / "web_static" / "prompt.js").as_uri())
+    run = subprocess.run([NODE, "--input-type=module", "-e", script, json.dumps(INJECTIONS)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == [defuse_special_tokens(t) for t in INJECTIONS]

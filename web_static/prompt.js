@@ -48,13 +48,18 @@ export function toChatMessages(messages, context) {
   return msgs;
 }
 
+// runtime_python.chat.defuse_special_tokens: text spelling a special token would be encoded as it
+// (a forged turn); its "<" becomes U+2039, longest token first, exactly as in Python.
+const SPECIAL = /<\|assistant\|>|<\|context\|>|<\|system\|>|<\|user\|>|<\|end\|>|<unk>|<\/s>|<s>/g;
+export const defuseSpecialTokens = (text) => text.replace(SPECIAL, (t) => "\u2039" + t.slice(1));
+
 /** runtime_python.chat._split: [system text, earlier turns, latest user text]. */
 export function splitMessages(messages, systemPrompt) {
   const system = [], turns = [];
   messages.forEach((m, i) => {
     if (typeof m?.content !== "string") throw new Error(`messages[${i}]: must be an object with a string content`);
-    if (m.role === "system") system.push(m.content);
-    else if (m.role === "user" || m.role === "assistant") turns.push({ role: m.role, content: m.content });
+    if (m.role === "system") system.push(defuseSpecialTokens(m.content));
+    else if (m.role === "user" || m.role === "assistant") turns.push({ role: m.role, content: defuseSpecialTokens(m.content) });
     else throw new Error(`messages[${i}].role: ${m.role} is not one of system, user, assistant`);
   });
   if (!turns.length || turns.at(-1).role !== "user") throw new Error("the conversation must end with a user message");
