@@ -61,8 +61,12 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
     from source.tokenizer import Tokenizer
 
     try:
-        pth, version_tok = resolve_model(model_spec, root)
-        tok_dir = tokenizer_dir or version_tok
+        if tokenizer_dir is not None and Path(model_spec).exists():  # an explicit pair needs no registry
+            pth = Path(model_spec) / "model.pth" if Path(model_spec).is_dir() else Path(model_spec)
+            tok_dir = tokenizer_dir
+        else:
+            pth, version_tok = resolve_model(model_spec, root)
+            tok_dir = tokenizer_dir or version_tok
         version = registry_version(pth, root)
         metrics = Registry(root).get(version).metrics if version else {}
         token_dir = default_token_dir(data_dir, Tokenizer.load(tok_dir))
