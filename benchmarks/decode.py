@@ -155,7 +155,7 @@ def main() -> None:
         from runtime_python.onnx_backend import OnnxBackend
 
         for dtype in ("fp32", "q8"):
-            backend = OnnxBackend(args.onnx, dtype, threads=args.threads)
+            backend = OnnxBackend(args.onnx, dtype, threads=args.threads or 1)
             s, tokens = timed(lambda: ours(backend, prompt, n, eos), args.repeats)
             rows.append((f"onnx-{'int8' if dtype == 'q8' else dtype}", dtype, s, tokens, None))
     else:

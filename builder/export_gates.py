@@ -199,9 +199,14 @@ def run_gates(model: Transformer, tokenizer: Tokenizer, folder: Path, token_dir=
     gates += hf_gates(folder, model, tokenizer, prompts, reference)
     stopped = torch_greedy(model, prompts, stop_ids=stops)
     gates.append(optimum_gate(folder, prompts, stopped, stops))
-    log("export: measuring decode speed ...")
-    speed = {"torch_fp32_tok_s": decode_speed(TorchBackend(model, tokenizer), prompts[0]),
-             "torch_int8_tok_s": decode_speed(TorchBackend(model, tokenizer, dtype="int8"), prompts[0])}
+    log("export: measuring decode speed (1 thread) ...")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like OnnxBackend's default: comparable rows, robust to a busy second core
+    try:
+        speed = {"torch_fp32_tok_s": decode_speed(TorchBackend(model, tokenizer), prompts[0]),
+                 "torch_int8_tok_s": decode_speed(TorchBackend(model, tokenizer, dtype="int8"), prompts[0])}
+    finally:
+        torch.set_num_threads(threads)
     for dtype, backend in backends.items():
         speed[f"onnx_{'int8' if dtype == 'q8' else dtype}_tok_s"] = decode_speed(backend, prompts[0])
     quality = {"bits_per_byte": {k: round(v, 4) for k, v in bpb.items()}, "bits_per_byte_text": where,

@@ -9,6 +9,9 @@ Design choices:
   grows by one position per step inside the graph's Concat).
 - dtype picks the file: "fp32" -> onnx/model.onnx, "q8"/"int8" -> onnx/model_quantized.onnx (dynamic
   int8, transformers.js calls it q8), "q4" -> onnx/model_q4.onnx (MatMulNBits).
+- One intra-op thread by default: a decode step of a model this small is ~400 tiny ops, and thread
+  hand-offs cost more than they save (measured: int8 886 tok/s on 1 thread; with 2 threads while another
+  process held a core, 147). `threads=None` lets onnxruntime pick.
 - The tokenizer is the sentencepiece model copied into the export folder, the same `Tokenizer` the
   torch backend uses, so prompts, stop handling and detokenisation are shared code.
 """
@@ -30,7 +33,7 @@ ONNX_FILES = {"fp32": "model.onnx", "q8": "model_quantized.onnx", "int8": "model
 class OnnxBackend:
     """onnxruntime (CPU) over `DIR/onnx/<file>` with batch 1 and the KV cache kept in the session."""
 
-    def __init__(self, export_dir: str | Path, dtype: str = "fp32", threads: int | None = None,
+    def __init__(self, export_dir: str | Path, dtype: str = "fp32", threads: int | None = 1,
                  name: str | None = None) -> None:
         import onnxruntime as ort
 
