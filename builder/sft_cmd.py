@@ -42,10 +42,13 @@ def _check_same_base(out_dir: Path, base: Path, base_sha: str) -> None:
 @click.option("--lora", is_flag=True, help="Train LoRA adapters instead of all weights (merged into model.pth).")
 @click.option("--lora-rank", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--lora-alpha", default=32.0, show_default=True, type=float)
+@click.option("--time-budget", "time_budget", default=None, type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Fit max_steps to this much wall-clock time (measured on the first steps).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--samples", default=3, show_default=True, help="Held-out questions to answer at the end.")
 def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: Path | None, overrides: tuple[str, ...],
-        lora: bool, lora_rank: int, lora_alpha: float, resume: bool, samples: int) -> None:
+        lora: bool, lora_rank: int, lora_alpha: float, resume: bool, samples: int,
+        time_budget: float | None) -> None:
     """Fine-tune a pretrained model to chat; the loss covers assistant tokens only.
 
     \b
@@ -85,7 +88,7 @@ def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: P
         click.echo(f"data: {len(data):,} train chats, {len(data.splits['val']):,} held-out ({data_dir})")
     result = train(ModelConfig(**base_ckpt["config"]), tcfg, data, out_dir, tokenizer_sha256=tok.sha256,
                    kind="lora-merged" if lora else "sft", resume=resume, init_from=base,
-                   lora_rank=lora_rank if lora else 0, lora_alpha=lora_alpha,
+                   lora_rank=lora_rank if lora else 0, lora_alpha=lora_alpha, time_budget_s=time_budget,
                    metadata={"parent_checkpoint": str(base), "parent_sha256": base_sha, "preset": preset,
                              "sft_data": str(data_dir), "base_step": base_ckpt.get("step")})
     if not state.is_main_process:

@@ -43,10 +43,12 @@ def print_samples(model, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int 
               type=click.Path(path_type=Path), help="Folder from `builder tokenizer train`.")
 @click.option("--out", "out_dir", default=None, type=click.Path(path_type=Path),
               help="Run folder [default: runs/pretrain-PRESET].")
+@click.option("--time-budget", "time_budget", default=None, type=click.FloatRange(min=1), metavar="SECONDS",
+              help="Fit max_steps to this much wall-clock time (measured on the first steps).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--samples/--no-samples", default=True, show_default=True, help="Print sample text at the end.")
 def pretrain(preset: str, overrides: tuple[str, ...], data_dir: Path, tokenizer_dir: Path, out_dir: Path | None,
-             resume: bool, samples: bool) -> None:
+             resume: bool, samples: bool, time_budget: float | None) -> None:
     """Pretrain a model on the corpus.
 
     \b
@@ -81,6 +83,7 @@ def pretrain(preset: str, overrides: tuple[str, ...], data_dir: Path, tokenizer_
         click.echo(f"data: {meta['train']['tokens']:,} train / {meta['val']['tokens']:,} val tokens ({token_dir})")
     try:
         result = train(mcfg, tcfg, data, out_dir, tokenizer_sha256=tok.sha256, kind="pretrain", resume=resume,
+                       time_budget_s=time_budget,
                        metadata={"corpus_manifest_sha256": meta["corpus_manifest_sha256"], "preset": preset})
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None

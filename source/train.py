@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -63,18 +63,33 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     return 6 * n_params + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
-def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 8, trials: int = 3) -> float:
-    """Dense matmul throughput of this machine: the denominator of MFU. Best of a few trials, so a
-    momentary background load does not deflate it (and inflate MFU)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 8, trials: int = 3,
+                       device: str | torch.device = "cpu") -> float:
+    """Dense matmul throughput of the device that trains: the denominator of MFU. Best of a few trials,
+    so a momentary background load does not deflate it (and inflate MFU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        size, repeats = 8192, 20  # small products cannot fill a datacenter GPU
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up
+    sync()
     best = 0.0
     for _ in range(trials):
         t0 = time.perf_counter()
         for _ in range(repeats):
             a @ b
+        sync()
         best = max(best, 2 * size**3 * repeats / (time.perf_counter() - t0))
     return best
+
+
+def budgeted_max_steps(cfg: TrainConfig, step: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The step count that fits a wall-clock budget, never more than the configured max_steps. Evaluation
+    passes cost about `eval_batches` forward passes each, a third of a training step per batch."""
+    evals_per_step = cfg.eval_batches / 3 / cfg.grad_accum / max(1, cfg.eval_every)
+    fits = int(seconds_left / (seconds_per_step * (1 + evals_per_step)))
+    return max(step + 1, min(cfg.max_steps, step + fits))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -136,12 +151,16 @@ def evaluate_loss(model: torch.nn.Module, data: BatchSource, cfg: TrainConfig, a
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out_dir: str | Path, *,
           tokenizer_sha256: str, kind: str = "pretrain", resume: bool = False, init_from: str | Path | None = None,
           metadata: dict | None = None, progress: bool = True, lora_rank: int = 0, lora_alpha: float = 16.0,
-          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+          on_log: Callable[[dict], None] | None = None, time_budget_s: float | None = None) -> TrainResult:
     """Train `model_cfg` on `data`, writing checkpoints and logs to `out_dir`.
 
     `init_from` starts from another run's `model.pth` (SFT starts from the pretrained model);
     `resume` continues this folder's own run from `train_state.pt`. `lora_rank > 0` trains LoRA
-    adapters on a frozen `init_from` model; the saved `model.pth` has them merged in."""
+    adapters on a frozen `init_from` model; the saved `model.pth` has them merged in.
+
+    `time_budget_s` fits the run to a wall-clock budget (a lent GPU for a few minutes): after a few timed
+    steps, max_steps is lowered to what fits, before the cosine schedule depends on it, and the new value
+    is what run.json and the checkpoint record. A resumed run keeps the max_steps it was started with."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -176,6 +195,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         if lora_rank:
             load_lora_state(model, state["lora"])
         step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
+        started = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
+        if started.get("time_budget_s"):  # the fitted step count, not the preset's, ends the schedule
+            train_cfg = replace(train_cfg, max_steps=started["train"]["max_steps"])
         torch.set_rng_state(state["torch_rng"])
         if main:
             _truncate_metrics(metrics_path, step)
@@ -190,10 +212,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     if main:
         run_info = {"kind": kind, "model": asdict(model_cfg), "train": asdict(train_cfg), "params": n_params,
                     "trainable_params": n_trainable, "lora_rank": lora_rank, "processes": world,
-                    "device": str(accelerator.device), "tokenizer_sha256": tokenizer_sha256, **(metadata or {})}
+                    "device": str(accelerator.device), "tokenizer_sha256": tokenizer_sha256,
+                    "time_budget_s": time_budget_s, **(metadata or {})}
         atomic_write_bytes(out_dir / "run.json", json.dumps(run_info, indent=2).encode())
 
-    peak = measure_peak_flops(torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32)
+    peak = measure_peak_flops(torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32,
+                              device=accelerator.device)
     fpt = flops_per_token(model_cfg, n_params, train_cfg.seq_len)
     save_meta = dict(metadata or {}, params=sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name))
 
@@ -216,7 +240,25 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     bar = tqdm(total=train_cfg.max_steps, initial=step, desc=kind, unit="step", disable=not (progress and main),
                dynamic_ncols=True)
     window_t0, window_tokens = time.perf_counter(), 0
+    budget_t0, calibrate_from, calibrate_to = time.perf_counter(), step + 5, step + 25  # skip warm-up steps
     while step < train_cfg.max_steps:
+        if time_budget_s and not resume and step in (calibrate_from, calibrate_to):
+            if step == calibrate_from:
+                accelerator.wait_for_everyone()
+                calibrate_t0 = time.perf_counter()
+            else:
+                accelerator.wait_for_everyone()
+                per_step = (time.perf_counter() - calibrate_t0) / (calibrate_to - calibrate_from)
+                seconds_left = time_budget_s - (time.perf_counter() - budget_t0)
+                fitted = budgeted_max_steps(train_cfg, step, per_step, seconds_left)
+                if fitted != train_cfg.max_steps:
+                    train_cfg = replace(train_cfg, max_steps=fitted)
+                    bar.total = fitted
+                    if main:
+                        bar.write(f"time budget {time_budget_s:.0f} s at {per_step * 1000:.1f} ms/step: "
+                                  f"max_steps -> {fitted}")
+                        run_info["train"] = asdict(train_cfg)
+                        atomic_write_bytes(out_dir / "run.json", json.dumps(run_info, indent=2).encode())
         t_step = time.perf_counter()
         lr = lr_at(step, train_cfg)
         for group in optimizer.param_groups:

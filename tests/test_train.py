@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from builder.cli import main as builder_main
 from source.config import train_config
-from source.train import lr_at
+from source.train import budgeted_max_steps, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,37 @@ def test_pretrain_cli_learns_and_writes_checkpoint(tiny_workspace, tmp_path, mon
     assert (tmp_path / "runs" / "tokens").is_dir()
     run = json.loads((out / "run.json").read_text())
     assert run["train"]["max_steps"] == 60 and run["params"] < 1_000_000
+
+
+def test_budgeted_max_steps_fits_the_time_left_and_never_grows():
+    cfg = train_config("tiny", ["max_steps=1000", "eval_every=1000000"])
+    assert 220 <= budgeted_max_steps(cfg, step=25, seconds_per_step=0.5, seconds_left=100) <= 25 + 200
+    assert budgeted_max_steps(cfg, step=25, seconds_per_step=0.001, seconds_left=100) == 1000  # capped
+    assert budgeted_max_steps(cfg, step=25, seconds_per_step=1.0, seconds_left=-5) == 26  # over budget: stop
+    with_evals = train_config("tiny", ["max_steps=1000", "eval_every=10", "eval_batches=30"])
+    assert budgeted_max_steps(with_evals, 25, 0.5, 100) < 25 + 200  # evaluation passes take their share
+
+
+def test_time_budget_lowers_max_steps_and_completes_the_schedule(tiny_workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    args = pretrain_args(tiny_workspace, out, "max_steps=1000000", "eval_every=1000000", "log_every=1",
+                         "checkpoint_every=1000000", "warmup_steps=30") + ["--no-samples", "--time-budget", "3"]
+    result = CliRunner().invoke(builder_main, args)
+    assert result.exit_code == 0, result.output
+    assert "time budget 3 s" in result.output
+    fitted = json.loads((out / "run.json").read_text())["train"]["max_steps"]
+    assert 25 < fitted < 1_000_000
+    records = [r for r in read_metrics(out) if "loss" in r]
+    assert records[-1]["step"] == fitted
+    cfg = train_config("tiny", ["max_steps=%d" % fitted, "warmup_steps=30"])
+    assert records[-1]["lr"] == pytest.approx(lr_at(fitted - 1, cfg))  # the cosine ran to its end
+    ckpt = torch.load(out / "model.pth", weights_only=True)
+    assert ckpt["step"] == fitted and ckpt["train_config"]["max_steps"] == fitted
+    # resuming keeps the fitted length instead of the preset's million steps
+    again = CliRunner().invoke(builder_main, args + ["--resume"])
+    assert again.exit_code == 0, again.output
+    assert torch.load(out / "model.pth", weights_only=True)["step"] == fitted
 
 
 def test_pretrain_errors_are_clear(tiny_workspace, tmp_path, monkeypatch):
