@@ -2,8 +2,10 @@
 with a KV cache, int8 (and optional q4) ONNX, the browser retrieval index and a manifest.
 
 Design choices (DESIGN §2 records the measurements behind them):
-- The ONNX graph comes from `OnnxForward`, a KV-cache forward written for export over the model's own
-  modules: explicit past K/V in, present K/V out, HF/optimum IO names, attention as plain matmuls with
+- The default ONNX graph (`graph="contrib"`, builder/onnx_graph.py) is written node by node around
+  onnxruntime's GroupQueryAttention: ~4x fewer nodes and ~2.5x the int8 decode speed at batch 1, exact for
+  batch 1 and right padding. `graph="torch"` is the portable one from `OnnxForward`, a KV-cache forward
+  written for export over the model's own modules: explicit past K/V in, present K/V out, HF/optimum IO names, attention as plain matmuls with
   an additive mask built from `attention_mask` (so left padding and batches work in transformers.js).
   `torch.onnx.export(dynamo=True, opset 18)`, traced with batch 2 and past 5 so no dim is frozen;
   dynamo stores the tied embedding once.
@@ -93,9 +95,24 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_onnx(model: Transformer, path: Path) -> None:
-    """fp32 ONNX of `OnnxForward` with dynamic batch, sequence and past length."""
+GRAPHS = ("contrib", "torch")
+
+
+def export_onnx(model: Transformer, path: Path, graph: str = "contrib") -> None:
+    """fp32 ONNX with dynamic batch, sequence and past length: the contrib-op graph, or `OnnxForward`
+    through `torch.onnx.export(dynamo=True)`."""
     import warnings
+
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if graph == "contrib":
+        import onnx
+
+        from builder.onnx_graph import contrib_graph
+
+        onnx.save(contrib_graph(model), str(path))
+        return
 
     from torch.export import Dim
 
@@ -134,7 +151,14 @@ def _strip_debug_metadata(path: Path) -> None:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if any(n.op_type == "GroupQueryAttention" for n in onnx.load(str(src), load_external_data=False).graph.node):
+        from builder import onnx_graph
+
+        onnx_graph.quantize_int8(str(src), str(dst))
+        return
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
                      op_types_to_quantize=["MatMul", "Gemm", "Gather"], extra_options={"MatMulConstBOnly": True})
@@ -182,7 +206,7 @@ def _version(package: str) -> str:
 
 def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
                  index_path: str | Path | None = None, q4: bool = False, token_dir: str | Path | None = None,
-                 version: str | None = None, metrics: dict | None = None, log=print) -> dict:
+                 version: str | None = None, metrics: dict | None = None, graph: str = "contrib", log=print) -> dict:
     """Write the export folder; returns its manifest. Raises `GateError` (nothing written) when a
     parity/quality gate fails."""
     from builder.export_gates import GateError, run_gates
@@ -207,7 +231,7 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
         timings[name] = round(time.perf_counter() - t0, 2)
 
     stage("hf folder", write_hf_folder, model, tokenizer, partial)
-    stage("onnx fp32", export_onnx, model, partial / "onnx" / "model.onnx")
+    stage("onnx fp32", export_onnx, model, partial / "onnx" / "model.onnx", graph)
     stage("onnx int8", quantize_int8, partial / "onnx" / "model.onnx", partial / "onnx" / "model_quantized.onnx")
     if q4:
         stage("onnx q4", quantize_q4, partial / "onnx" / "model.onnx", partial / "onnx" / "model_q4.onnx")
@@ -224,6 +248,7 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
         "source_checkpoint": str(model_path),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "config": asdict(model.cfg),
+        "onnx_graph": graph,
         "params": model.num_params(),
         "tokenizer_sha256": tokenizer.sha256,
         "metrics": metrics or {},

@@ -35,8 +35,11 @@ def gate_table(gates: list[dict]) -> str:
               "(falls back to the stdlib's pydoc topics when it has not been tokenized).")
 @click.option("--root", default=Path("models"), show_default=True, type=click.Path(path_type=Path),
               help="Registry folder.")
+@click.option("--graph", default="contrib", show_default=True, type=click.Choice(["contrib", "torch"]),
+              help="ONNX graph: onnxruntime contrib ops (GroupQueryAttention; fastest, batch 1 / right padding) "
+                   "or plain ops from torch.onnx.export (any padding).")
 def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool, index_path: Path, no_index: bool,
-           data_dir: Path, root: Path) -> None:
+           data_dir: Path, root: Path, graph: str) -> None:
     """Export a model for transformers, transformers.js, onnxruntime and optimum, and check it.
 
     \b
@@ -51,6 +54,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
     Examples:
       builder export                       # the champion -> dist/export
       builder export --model v2 --out /tmp/v2 --q4
+      builder export --graph torch         # plain ONNX ops, for left-padded batches
     """
     from builder.eval_cmd import registry_version
     from builder.export import export_model
@@ -74,7 +78,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
         if index is None and not no_index:
             click.echo(f"export: {index_path} not found, no browser index (build it with `builder index build`)")
         manifest = export_model(pth, tok_dir, out_dir, index_path=index, q4=q4, token_dir=token_dir,
-                                version=version, metrics=metrics, log=click.echo)
+                                version=version, metrics=metrics, graph=graph, log=click.echo)
     except (GateError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(gate_table(manifest["gates"]))

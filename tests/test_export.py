@@ -58,27 +58,70 @@ def test_onnx_backend_streams_what_torch_streams(tiny_export, tiny_base, tiny_wo
     assert texts[0] == texts[1] and texts[0]
 
 
-def test_onnx_graph_handles_batches_padding_and_past(tiny_export):
-    """transformers.js feeds batches with left padding: a padded row must equal its unpadded run."""
+def _onnx_runner(path, cfg):
     import onnxruntime as ort
 
-    cfg = json.loads((tiny_export / "config.json").read_text())
-    L, KV, D = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
-    session = ort.InferenceSession(str(tiny_export / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-    def run(ids, mask, positions, past_len=0):
+    def run(ids, mask, positions, past=None):
         feeds = {"input_ids": np.array(ids, np.int64), "attention_mask": np.array(mask, np.int64),
                  "position_ids": np.array(positions, np.int64)}
-        for i in range(L):
-            for t in ("key", "value"):
-                feeds[f"past_key_values.{i}.{t}"] = np.zeros((len(ids), KV, past_len, D), np.float32)
-        return session.run(None, feeds)
+        for i in range(cfg.n_layers):
+            for j, t in enumerate(("key", "value")):
+                feeds[f"past_key_values.{i}.{t}"] = (past[2 * i + j] if past is not None else
+                                                     np.zeros((len(ids), cfg.n_kv_heads, 0, cfg.head_dim), np.float32))
+        out = session.run(None, feeds)
+        return out[0], out[1:]
+    return run
 
-    alone = run([[10, 11, 12, 13]], [[1, 1, 1, 1]], [[0, 1, 2, 3]])
-    batch = run([[0, 0, 10, 11, 12, 13], [5, 6, 7, 8, 9, 10]], [[0, 0, 1, 1, 1, 1], [1] * 6],
-                [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
-    assert np.abs(batch[0][0, 2:] - alone[0][0]).max() < 1e-4
-    assert batch[1].shape == (2, KV, 6, D)  # present = past (0) + 6 new positions
+
+@pytest.mark.parametrize("graph", ["contrib", "torch"])
+def test_onnx_graph_matches_torch_with_batches_padding_and_past(graph, tiny_base, tmp_path):
+    """Both graphs: batched rows and KV-cache steps equal the PyTorch model. Padding: the torch graph
+    takes left padding (transformers.js batches), the contrib graph right padding (GroupQueryAttention)."""
+    import torch
+
+    from builder.export import export_onnx
+    from source.checkpoint import load_model
+
+    model, _ = load_model(tiny_base)
+    model.eval()
+    export_onnx(model, tmp_path / "model.onnx", graph)
+    run = _onnx_runner(tmp_path / "model.onnx", model.cfg)
+    ids = [10, 11, 12, 13, 14, 15]
+    with torch.no_grad():
+        reference = model(torch.tensor([ids]))[0][0].numpy()
+    logits, past = run([ids[:4]], [[1] * 4], [[0, 1, 2, 3]])  # prompt, then two cached steps
+    assert np.abs(logits[0] - reference[:4]).max() < 1e-4
+    for pos in (4, 5):
+        logits, past = run([[ids[pos]]], [[1] * (pos + 1)], [[pos]], past)
+        assert np.abs(logits[0, -1] - reference[pos]).max() < 1e-4
+    assert past[0].shape == (1, model.cfg.n_kv_heads, 6, model.cfg.head_dim)
+    if graph == "torch":
+        batch, _ = run([[0, 0, 10, 11, 12, 13], [5, 6, 7, 8, 9, 10]], [[0, 0, 1, 1, 1, 1], [1] * 6],
+                       [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+        row = batch[0, 2:]
+    else:
+        batch, _ = run([[10, 11, 12, 13, 0, 0], [5, 6, 7, 8, 9, 10]], [[1, 1, 1, 1, 0, 0], [1] * 6],
+                       [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
+        row = batch[0, :4]
+    assert np.abs(row - reference[:4]).max() < 1e-4
+    with torch.no_grad():
+        other = model(torch.tensor([[5, 6, 7, 8, 9, 10]]))[0][0].numpy()
+    assert np.abs(batch[1] - other).max() < 1e-4
+
+
+def test_contrib_int8_keeps_one_table_and_gathers_int8_rows(tiny_export):
+    import onnx
+
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    assert manifest["onnx_graph"] == "contrib"
+    graph = onnx.load(tiny_export / "onnx" / "model_quantized.onnx").graph
+    vocab_sized = [i.name for i in graph.initializer if 1000 in i.dims]
+    assert vocab_sized == ["lm_head_t_quantized"]
+    assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == 2  # one per layer
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[0] == "lm_head_t_quantized")
+    assert any(n.op_type == "DequantizeLinear" and n.input[0] == gather.output[0] for n in graph.node)
 
 
 def test_failed_gate_publishes_nothing(tiny_base, tiny_workspace, tmp_path, monkeypatch):

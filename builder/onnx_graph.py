@@ -1,0 +1,135 @@
+"""The decoder as an onnxruntime contrib-op graph, written node by node with `onnx.helper`.
+
+`builder export`'s default ONNX graph. Per layer: SimplifiedLayerNormalization, one MatMul for q|k|v,
+one `com.microsoft.GroupQueryAttention` (rotary from cos/sin tables, causal mask, KV-cache concat and
+the grouped heads in one kernel), MatMul, residual Add, norm, one MatMul for gate|up, SiLU, MatMul,
+Add; onnxruntime fuses the Add + norm pairs itself. ~120 nodes instead of the ~510 that
+`torch.onnx.export` of `OnnxForward` gives, and onnxruntime dispatches each node at a few microseconds,
+which at batch 1 is most of a token's time (docs/pages/benchmarks.md, `benchmarks/onnx_gqa.py`).
+
+Same HF input/output names as the torch graph. `position_ids` is accepted and unused:
+GroupQueryAttention takes positions from the attention mask's length (row sum - 1 is the last key), so
+the graph is exact for batch 1 and right-padded batches, not for left-padded ones: `builder export
+--graph torch` keeps the plain-op graph for that. onnxruntime-web's wasm build carries the contrib
+kernels, so the browser runs this graph too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from source.model import Transformer
+
+def contrib_graph(model: Transformer) -> onnx.ModelProto:
+    """The decoder as an onnxruntime contrib-op graph (see the module docstring), HF IO names."""
+    cfg, sd = model.cfg, {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    H, KV, D, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    inits, nodes = [], []
+
+    def init(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, D, 2, dtype=np.float32) / D))
+    angles = np.arange(cfg.max_seq_len, dtype=np.float32)[:, None] * inv_freq[None, :]
+    init("cos_cache", np.cos(angles).astype(np.float32))
+    init("sin_cache", np.sin(angles).astype(np.float32))
+    # tied: one (dim, vocab) table serves the lm_head MatMul and, gathered along axis 1, the embedding
+    init("lm_head_t", sd["lm_head.weight"].T)
+    if not cfg.tie_embeddings:
+        init("embed", sd["embed_tokens.weight"])
+    init("one", np.array(1, dtype=np.int64))
+    init("axis1", np.array([1], dtype=np.int64))
+    init("idx1", np.array(1, dtype=np.int64))
+    # GroupQueryAttention wants the index of the last valid key per row and the total length
+    node("ReduceSum", ["attention_mask", "axis1"], ["mask_sum"], keepdims=0)
+    node("Sub", ["mask_sum", "one"], ["last_key"])
+    node("Cast", ["last_key"], ["seqlens_k"], to=TensorProto.INT32)
+    node("Shape", ["attention_mask"], ["mask_shape"])
+    node("Gather", ["mask_shape", "idx1"], ["total_len64"], axis=0)
+    node("Cast", ["total_len64"], ["total_len"], to=TensorProto.INT32)
+    if cfg.tie_embeddings:
+        node("Gather", ["lm_head_t", "input_ids"], ["h0_t"], axis=1)  # (dim, batch, seq)
+        node("Transpose", ["h0_t"], ["h0"], perm=[1, 2, 0])
+    else:
+        node("Gather", ["embed", "input_ids"], ["h0"], axis=0)
+    h = "h0"
+    for i in range(L):
+        p = f"layers.{i}."
+        init(p + "in_norm", sd[p + "input_layernorm.weight"])
+        init(p + "post_norm", sd[p + "post_attention_layernorm.weight"])
+        init(p + "w_qkv", np.concatenate([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]).T)
+        init(p + "w_o", sd[p + "self_attn.o_proj.weight"].T)
+        init(p + "w_gu", np.concatenate([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]).T)
+        init(p + "w_down", sd[p + "mlp.down_proj.weight"].T)
+        init(p + "split_qkv", np.array([H * D, KV * D, KV * D], dtype=np.int64))
+        init(p + "split_gu", np.array([cfg.ffn_hidden, cfg.ffn_hidden], dtype=np.int64))
+        node("SimplifiedLayerNormalization", [h, p + "in_norm"], [p + "x"], axis=-1, epsilon=cfg.norm_eps)
+        node("MatMul", [p + "x", p + "w_qkv"], [p + "qkv"])
+        node("Split", [p + "qkv", p + "split_qkv"], [p + "q", p + "k", p + "v"], axis=-1)
+        node("GroupQueryAttention", [p + "q", p + "k", p + "v", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                     "seqlens_k", "total_len", "cos_cache", "sin_cache"],
+             [p + "attn", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
+             num_heads=H, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=float(D ** -0.5))
+        node("MatMul", [p + "attn", p + "w_o"], [p + "attn_out"])
+        node("Add", [h, p + "attn_out"], [p + "h_mid"])
+        node("SimplifiedLayerNormalization", [p + "h_mid", p + "post_norm"], [p + "x2"], axis=-1, epsilon=cfg.norm_eps)
+        node("MatMul", [p + "x2", p + "w_gu"], [p + "gu"])
+        node("Split", [p + "gu", p + "split_gu"], [p + "gate", p + "up"], axis=-1)
+        node("Sigmoid", [p + "gate"], [p + "gate_sig"])
+        node("Mul", [p + "gate", p + "gate_sig"], [p + "gate_silu"])
+        node("Mul", [p + "gate_silu", p + "up"], [p + "act"])
+        node("MatMul", [p + "act", p + "w_down"], [p + "mlp_out"])
+        node("Add", [p + "h_mid", p + "mlp_out"], [p + "h_out"])
+        h = p + "h_out"
+    init("final_norm", sd["norm.weight"])
+    node("SimplifiedLayerNormalization", [h, "final_norm"], ["x_final"], axis=-1, epsilon=cfg.norm_eps)
+    node("MatMul", ["x_final", "lm_head_t"], ["logits"])
+
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", cfg.vocab_size])]
+    for i in range(L):
+        for t in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{t}", f32, ["batch_size", KV, "past_sequence_length", D]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{t}", f32, ["batch_size", KV, "total_sequence_length", D]))
+    graph = helper.make_graph(nodes, "supermix-contrib", inputs, outputs, inits)
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model_proto.ir_version = 10  # what the torch graph has, and what onnxruntime-web 1.31 reads
+    return model_proto
+
+
+def quantize_int8(src: str, dst: str) -> None:
+    """Dynamic int8 like the torch graph's (per-tensor, MatMul weights), then the tied table's Gather is
+    pointed at the int8 table: gather the int8 rows, dequantize only those. One int8 copy of the table
+    in the file, and no per-step dequantization of the whole table (onnxruntime-web cannot be told to
+    fold it at load)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
+                     op_types_to_quantize=["MatMul"],
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
+    model = onnx.load(dst)
+    names = {i.name for i in model.graph.initializer}
+    if "lm_head_t_quantized" in names and any(n.op_type == "Gather" and n.input[0] == "lm_head_t"
+                                                for n in model.graph.node):
+        gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "lm_head_t")
+        gather.input[0] = "lm_head_t_quantized"
+        rows = gather.output[0]
+        gather.output[0] = rows + "_int8"
+        position = list(model.graph.node).index(gather) + 1
+        model.graph.node.insert(position, helper.make_node(
+            "DequantizeLinear", [rows + "_int8", "lm_head_t_scale", "lm_head_t_zero_point"], [rows],
+            name="DequantizeLinear_embedding_rows"))
+        used = {i for n in model.graph.node for i in n.input}
+        kept = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    onnx.save(model, dst)
