@@ -3,13 +3,13 @@ with a KV cache, int8 (and optional q4) ONNX, the browser retrieval index and a 
 
 Design choices (DESIGN §2 records the measurements behind them):
 - The default ONNX graph (`graph="contrib"`, builder/onnx_graph.py) is written node by node around
-  onnxruntime's GroupQueryAttention: ~4x fewer nodes and ~2.5x the int8 decode speed at batch 1, exact for
-  batch 1 and right padding. `graph="torch"` is the portable one from `OnnxForward`, a KV-cache forward
-  written for export over the model's own modules: explicit past K/V in, present K/V out, HF/optimum IO names, attention as plain matmuls with
-  an additive mask built from `attention_mask` (so left padding and batches work in transformers.js).
-  `torch.onnx.export(dynamo=True, opset 18)`, traced with batch 2 and past 5 so no dim is frozen;
-  dynamo stores the tied embedding once.
-- int8 is `quantize_dynamic(QInt8)` (MatMul/Gemm/Gather weights), q4 is `MatMulNBitsQuantizer`
+  onnxruntime's GroupQueryAttention: ~4x fewer nodes, faster at batch 1, exact for batch 1 and right
+  padding. `graph="torch"` is the portable one: `OnnxForward`, a KV-cache forward written for export
+  over the model's own modules (explicit past K/V in, present K/V out, HF/optimum IO names, attention as
+  plain matmuls with an additive mask built from `attention_mask`, so left-padded batches work), through
+  `torch.onnx.export(dynamo=True, opset 18)`, traced with batch 2 and past 5 so no dim is frozen.
+- int8 is `quantize_dynamic(QInt8)` (MatMul/Gemm/Gather weights; in the contrib graph the embedding
+  gathers rows of the lm_head's int8 table, see onnx_graph.quantize_int8), q4 is `MatMulNBitsQuantizer`
   (bits 4, block 32): the formats transformers.js loads as dtype "q8" and "q4".
 - Everything is written into a sibling `.partial` folder and renamed into place only after every gate
   passed (`builder/export_gates.py`), so a failed export never leaves a half-written folder behind.
