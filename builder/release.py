@@ -113,9 +113,12 @@ class Release:
             return None
         return folder.name
 
-    def write_lock(self) -> None:
+    def write_lock(self, notes: str | None = None) -> None:
+        """`notes` says how the champion was really trained where that differs from the profile."""
         lock = {"profile": self.p.name, "champion": self.champion_dir().name, "inputs_sha256": self.training_inputs(),
                 "profile_settings": asdict(self.p), "recipe": str(RECIPE)}
+        if notes:
+            lock["notes"] = notes
         atomic_write_bytes(self.registry / LOCK, (json.dumps(lock, indent=2) + "\n").encode())
 
     # -- running

@@ -3,6 +3,8 @@
 # chat data -> pretrain -> SFT -> registry -> eval -> champion. Every training step is resumable: stop it
 # at any time (Ctrl-C or kill) and run the script again; finished stages are skipped or resumed.
 #   PRETRAIN_STEPS=550 SFT_STEPS=900 bash scripts/train_champion.sh
+#   SFT2_STEPS=569 ...   a second, continued SFT run from the first one's weights (lr 5e-4, warmup 30): v3's
+#                        recipe; the registry then takes that run instead of the first
 # On the 2-core reference machine a small-preset step takes 4-6 s (batch 16 x 512; 1 thread with
 # OMP_NUM_THREADS=1 is only ~20% slower and leaves a core free), so 550 + 900 steps is ~2.5 h: run it
 # in pieces of <= 90 min (timeout 90m bash scripts/train_champion.sh). The defaults are the `default`
@@ -11,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PRETRAIN_STEPS="${PRETRAIN_STEPS:-550}"
 SFT_STEPS="${SFT_STEPS:-900}"
+SFT2_STEPS="${SFT2_STEPS:-0}"
 BASE=runs/base-small
 SFT=runs/sft-small
 
@@ -25,7 +28,14 @@ builder pretrain --preset small --out "$BASE" $(resume "$BASE") --no-samples \
 builder sft --preset small --base "$BASE/model.pth" --out "$SFT" $(resume "$SFT") \
   --set max_steps="$SFT_STEPS" --set lr=1e-3 --set checkpoint_every=50 --set eval_every=250
 
-builder models add "$SFT/model.pth" --tokenizer runs/tokenizer \
-  --notes "small: pretrain $PRETRAIN_STEPS steps, full SFT $SFT_STEPS steps (scripts/train_champion.sh)"
+FINAL="$SFT"
+NOTES="small: pretrain $PRETRAIN_STEPS steps, full SFT $SFT_STEPS steps (scripts/train_champion.sh)"
+if [ "$SFT2_STEPS" -gt 0 ]; then
+  FINAL=runs/sft-small-2
+  builder sft --preset small --base "$SFT/model.pth" --out "$FINAL" $(resume "$FINAL") \
+    --set max_steps="$SFT2_STEPS" --set lr=5e-4 --set warmup_steps=30 --set checkpoint_every=50 --set eval_every=250
+  NOTES="$NOTES, then $SFT2_STEPS more SFT steps at lr 5e-4"
+fi
+builder models add "$FINAL/model.pth" --tokenizer runs/tokenizer --notes "$NOTES"
 builder eval --model latest
 builder models champion --auto
