@@ -9,7 +9,8 @@ Rows, measured one after another in this one process, on the same prompt:
   converted with `source.model.hf_state_dict`/`hf_config_dict`, greedy, `min_new_tokens` = `max_new_tokens`
 - `ours-fp32`, `ours-bf16`, `ours-int8`: `TorchBackend` prefill + one `decode` per token, greedy through
   `sample_next` (the chat engine's own loop minus detokenizing); `--compile` adds `+compile` rows
-- `onnx-fp32`, `onnx-int8`: `OnnxBackend` (onnxruntime, KV cache kept in the session) over the export
+- `onnx-fp32`, `onnx-int8`, `onnx-int8-gqa` (the GroupQueryAttention graph, onnx/model_gqa_quantized.onnx):
+  `OnnxBackend` (onnxruntime, KV cache kept in the session) over the export
   folder `--onnx` (default dist/export when it exists; it must hold the same weights as --checkpoint:
   `builder export --model X` of that checkpoint), same loop
 Each row: tokens/s over the whole generation (prompt prefill + new tokens, the median of `--repeats`
@@ -154,10 +155,14 @@ def main() -> None:
     if (Path(args.onnx) / "onnx" / "model.onnx").is_file():
         from runtime_python.onnx_backend import OnnxBackend
 
-        for dtype in ("fp32", "q8"):
+        from runtime_python.onnx_backend import ONNX_FILES
+
+        for dtype in ("fp32", "q8", "q8-gqa"):
+            if not (Path(args.onnx) / "onnx" / ONNX_FILES[dtype]).is_file():
+                continue
             backend = OnnxBackend(args.onnx, dtype, threads=args.threads or 1)
             s, tokens = timed(lambda: ours(backend, prompt, n, eos), args.repeats)
-            rows.append((f"onnx-{'int8' if dtype == 'q8' else dtype}", dtype, s, tokens, None))
+            rows.append((f"onnx-{dtype.replace('q8', 'int8')}", dtype, s, tokens, None))
     else:
         print(f"no ONNX rows: {args.onnx}/onnx/model.onnx not found (builder export --out {args.onnx})")
 

@@ -35,7 +35,8 @@ SFT_STATS = Path("datasets/manifests/sft-default-stats.json")
 LOSS_PNG = "loss_curve.png"
 SPEED_LABELS = {"torch_fp32_tok_s": "PyTorch (TorchBackend) fp32", "torch_int8_tok_s": "PyTorch (TorchBackend) int8",
                 "onnx_fp32_tok_s": "ONNX Runtime fp32 (onnx/model.onnx)",
-                "onnx_int8_tok_s": "ONNX Runtime int8 (onnx/model_quantized.onnx)"}
+                "onnx_int8_tok_s": "ONNX Runtime int8 (onnx/model_quantized.onnx)",
+                "onnx_int8_gqa_tok_s": "ONNX Runtime int8, GroupQueryAttention graph (onnx/model_gqa_quantized.onnx)"}
 EVAL_METRICS = (("val_bpb", "validation bits per byte (lower is better)", "Supermix corpus validation split"),
                 ("grounded_qa", "grounded QA: key fact and right citation", "Supermix held-out grounded questions"),
                 ("citation_accuracy", "citation accuracy", "Supermix held-out grounded questions"),

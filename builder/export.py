@@ -2,12 +2,15 @@
 with a KV cache, int8 (and optional q4) ONNX, the browser retrieval index and a manifest.
 
 Design choices (DESIGN §2 records the measurements behind them):
-- The default ONNX graph (`graph="contrib"`, builder/onnx_graph.py) is written node by node around
-  onnxruntime's GroupQueryAttention: ~4x fewer nodes, faster at batch 1, exact for batch 1 and right
-  padding. `graph="torch"` is the portable one: `OnnxForward`, a KV-cache forward written for export
-  over the model's own modules (explicit past K/V in, present K/V out, HF/optimum IO names, attention as
-  plain matmuls with an additive mask built from `attention_mask`, so left-padded batches work), through
-  `torch.onnx.export(dynamo=True, opset 18)`, traced with batch 2 and past 5 so no dim is frozen.
+- Two ONNX graphs. The portable one (`graph="torch"`, the files transformers.js, optimum and the site
+  load) is `OnnxForward`, a KV-cache forward written for export over the model's own modules (explicit
+  past K/V in, present K/V out, HF/optimum IO names, attention as plain matmuls with an additive mask
+  built from `attention_mask`, so left-padded batches work), through `torch.onnx.export(dynamo=True,
+  opset 18)`, traced with batch 2 and past 5 so no dim is frozen. Beside it, `onnx/model_gqa_quantized.onnx`
+  is the contrib-op graph (builder/onnx_graph.py, onnxruntime's GroupQueryAttention) in int8: ~4x fewer
+  nodes, the fastest file natively at batch 1 (exact for batch 1 and right padding), but slower to
+  prefill in onnxruntime-web, so the site keeps the portable file. `graph="contrib"` puts the contrib
+  graph under the standard names instead.
 - int8 is `quantize_dynamic(QInt8)` (MatMul/Gemm/Gather weights; in the contrib graph the embedding
   gathers rows of the lm_head's int8 table, see onnx_graph.quantize_int8), q4 is `MatMulNBitsQuantizer`
   (bits 4, block 32): the formats transformers.js loads as dtype "q8" and "q4".
@@ -95,7 +98,8 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-GRAPHS = ("contrib", "torch")
+GRAPHS = ("torch", "contrib")
+NATIVE_INT8 = "model_gqa_quantized.onnx"  # contrib graph, int8: onnxruntime's fastest file at batch 1
 
 
 def export_onnx(model: Transformer, path: Path, graph: str = "contrib") -> None:
@@ -164,6 +168,15 @@ def quantize_int8(src: Path, dst: Path) -> None:
                      op_types_to_quantize=["MatMul", "Gemm", "Gather"], extra_options={"MatMulConstBOnly": True})
 
 
+def write_native_int8(model: Transformer, dst: Path) -> None:
+    """The contrib-op graph in int8, beside the portable files: what `OnnxBackend` runs natively."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, Path(tmp) / "model.onnx", "contrib")
+        quantize_int8(Path(tmp) / "model.onnx", dst)
+
+
 def quantize_q4(src: Path, dst: Path) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -206,7 +219,8 @@ def _version(package: str) -> str:
 
 def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
                  index_path: str | Path | None = None, q4: bool = False, token_dir: str | Path | None = None,
-                 version: str | None = None, metrics: dict | None = None, graph: str = "contrib", log=print) -> dict:
+                 version: str | None = None, metrics: dict | None = None, graph: str = "torch", native: bool = True,
+                 log=print) -> dict:
     """Write the export folder; returns its manifest. Raises `GateError` (nothing written) when a
     parity/quality gate fails."""
     from builder.export_gates import GateError, run_gates
@@ -233,6 +247,8 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
     stage("hf folder", write_hf_folder, model, tokenizer, partial)
     stage("onnx fp32", export_onnx, model, partial / "onnx" / "model.onnx", graph)
     stage("onnx int8", quantize_int8, partial / "onnx" / "model.onnx", partial / "onnx" / "model_quantized.onnx")
+    if native and graph == "torch":
+        stage("onnx int8 gqa", write_native_int8, model, partial / "onnx" / NATIVE_INT8)
     if q4:
         stage("onnx q4", quantize_q4, partial / "onnx" / "model.onnx", partial / "onnx" / "model_q4.onnx")
     if index_path is not None:

@@ -35,17 +35,22 @@ def gate_table(gates: list[dict]) -> str:
               "(falls back to the stdlib's pydoc topics when it has not been tokenized).")
 @click.option("--root", default=Path("models"), show_default=True, type=click.Path(path_type=Path),
               help="Registry folder.")
-@click.option("--graph", default="contrib", show_default=True, type=click.Choice(["contrib", "torch"]),
-              help="ONNX graph: onnxruntime contrib ops (GroupQueryAttention; fastest, batch 1 / right padding) "
-                   "or plain ops from torch.onnx.export (any padding).")
+@click.option("--graph", default="torch", show_default=True, type=click.Choice(["torch", "contrib"]),
+              help="Graph of onnx/model.onnx + model_quantized.onnx: plain ops from torch.onnx.export (any "
+                   "padding; transformers.js, optimum, the site) or onnxruntime contrib ops (GroupQueryAttention; "
+                   "batch 1 / right padding).")
+@click.option("--native/--no-native", default=True, show_default=True,
+              help="Also write onnx/model_gqa_quantized.onnx (contrib graph, int8), the fastest file for "
+                   "onnxruntime (supermix --backend onnx --dtype int8).")
 def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool, index_path: Path, no_index: bool,
-           data_dir: Path, root: Path, graph: str) -> None:
+           data_dir: Path, root: Path, graph: str, native: bool) -> None:
     """Export a model for transformers, transformers.js, onnxruntime and optimum, and check it.
 
     \b
     Writes (DESIGN §2 layout):
       config.json, generation_config.json, model.safetensors, tokenizer files
-      onnx/model.onnx (fp32, KV cache), onnx/model_quantized.onnx (int8), onnx/model_q4.onnx (--q4)
+      onnx/model.onnx (fp32, KV cache), onnx/model_quantized.onnx (int8), onnx/model_q4.onnx (--q4),
+      onnx/model_gqa_quantized.onnx (contrib-op graph, int8; --no-native skips it)
       index/ (browser BM25 index), manifest.json (files, sha256, gates, speed)
     Gates: ONNX fp32 greedy == PyTorch; int8 bits/byte within 1% and <= 30% of the bytes; the HF folder
     loads in transformers with the same logits; optimum's ORTModelForCausalLM generates our tokens.
@@ -54,7 +59,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
     Examples:
       builder export                       # the champion -> dist/export
       builder export --model v2 --out /tmp/v2 --q4
-      builder export --graph torch         # plain ONNX ops, for left-padded batches
+      builder export --graph contrib       # the contrib graph under the standard names
     """
     from builder.eval_cmd import registry_version
     from builder.export import export_model
@@ -78,7 +83,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
         if index is None and not no_index:
             click.echo(f"export: {index_path} not found, no browser index (build it with `builder index build`)")
         manifest = export_model(pth, tok_dir, out_dir, index_path=index, q4=q4, token_dir=token_dir,
-                                version=version, metrics=metrics, graph=graph, log=click.echo)
+                                version=version, metrics=metrics, graph=graph, native=native, log=click.echo)
     except (GateError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(gate_table(manifest["gates"]))

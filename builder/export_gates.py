@@ -175,7 +175,9 @@ def run_gates(model: Transformer, tokenizer: Tokenizer, folder: Path, token_dir=
                       f"{same}/{len(prompts)} prompts", "all"))
     windows, tokens_per_byte, where = _windows(tokenizer, token_dir)
     bpb = {"fp32": onnx_bpb(fp32, windows, tokens_per_byte)}
-    variants = ["q8"] + (["q4"] if (folder / "onnx" / "model_q4.onnx").is_file() else [])
+    from runtime_python.onnx_backend import ONNX_FILES
+
+    variants = [d for d in ("q8", "q8-gqa", "q4") if (folder / "onnx" / ONNX_FILES[d]).is_file()]
     sizes = {"fp32": (folder / "onnx" / "model.onnx").stat().st_size}
     backends = {"fp32": fp32}
     for dtype in variants:
@@ -185,7 +187,7 @@ def run_gates(model: Transformer, tokenizer: Tokenizer, folder: Path, token_dir=
         bpb[dtype] = onnx_bpb(backend, windows, tokens_per_byte)
         rel = bpb[dtype] / bpb["fp32"] - 1
         agree = _agreement([backend.greedy(ids, GREEDY_TOKENS) for ids in prompts], reference)
-        required = dtype == "q8"
+        required = dtype.startswith("q8")
         gates.append(gate(f"ONNX {dtype} bits/byte vs fp32", abs(rel) <= INT8_BPB_TOLERANCE if required else None,
                           f"{bpb[dtype]:.4f} vs {bpb['fp32']:.4f} ({rel:+.2%})", f"within {INT8_BPB_TOLERANCE:.0%}",
                           where, required=required))
@@ -208,7 +210,8 @@ def run_gates(model: Transformer, tokenizer: Tokenizer, folder: Path, token_dir=
     finally:
         torch.set_num_threads(threads)
     for dtype, backend in backends.items():
-        speed[f"onnx_{'int8' if dtype == 'q8' else dtype}_tok_s"] = decode_speed(backend, prompts[0])
+        name = {"q8": "int8", "q8-gqa": "int8_gqa"}.get(dtype, dtype)
+        speed[f"onnx_{name}_tok_s"] = decode_speed(backend, prompts[0])
     quality = {"bits_per_byte": {k: round(v, 4) for k, v in bpb.items()}, "bits_per_byte_text": where,
                "onnx_bytes": sizes}
     return gates, speed, quality

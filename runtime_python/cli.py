@@ -80,7 +80,11 @@ def _onnx_backend(model: str | None, device: str, dtype: str):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not an export folder (no config.json): run `builder export --out "
                                 f"{folder}` or pass --model EXPORT_DIR")
-    return OnnxBackend(folder, "q8" if dtype == "int8" else "fp32")
+    if dtype == "int8":
+        from runtime_python.onnx_backend import ONNX_FILES
+
+        return OnnxBackend(folder, "q8-gqa" if (folder / "onnx" / ONNX_FILES["q8-gqa"]).is_file() else "q8")
+    return OnnxBackend(folder, "fp32")
 
 
 def generation_config(temperature: float | None, max_tokens: int | None, **extra: Any):

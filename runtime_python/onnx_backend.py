@@ -8,7 +8,9 @@ Design choices:
   `OrtValue`s the last run produced, so nothing is copied into numpy and back per token (the cache
   grows by one position per step inside the graph's Concat).
 - dtype picks the file: "fp32" -> onnx/model.onnx, "q8"/"int8" -> onnx/model_quantized.onnx (dynamic
-  int8, transformers.js calls it q8), "q4" -> onnx/model_q4.onnx (MatMulNBits).
+  int8, transformers.js calls it q8), "q4" -> onnx/model_q4.onnx (MatMulNBits), "q8-gqa" ->
+  onnx/model_gqa_quantized.onnx (the same int8 weights in onnxruntime's GroupQueryAttention graph, the
+  fastest file here; `supermix --backend onnx --dtype int8` takes it when the export has it).
 - One intra-op thread by default: a decode step of a model this small is ~400 tiny ops, and thread
   hand-offs cost more than they save (measured: int8 886 tok/s on 1 thread; with 2 threads while another
   process held a core, 147). `threads=None` lets onnxruntime pick.
@@ -27,7 +29,7 @@ import torch
 from source.tokenizer import Tokenizer
 
 ONNX_FILES = {"fp32": "model.onnx", "q8": "model_quantized.onnx", "int8": "model_quantized.onnx",
-              "q4": "model_q4.onnx"}
+              "q4": "model_q4.onnx", "q8-gqa": "model_gqa_quantized.onnx"}
 
 
 class OnnxBackend:

@@ -16,7 +16,7 @@ def test_export_layout_manifest_and_gates(tiny_export):
     manifest = json.loads((tiny_export / "manifest.json").read_text())
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "onnx/model.onnx",
-                 "onnx/model_quantized.onnx", "onnx/model_q4.onnx"):
+                 "onnx/model_quantized.onnx", "onnx/model_q4.onnx", "onnx/model_gqa_quantized.onnx"):
         assert (tiny_export / name).is_file(), name
     for f in manifest["files"]:  # every file listed with its real size and hash
         path = tiny_export / f["path"]
@@ -25,11 +25,12 @@ def test_export_layout_manifest_and_gates(tiny_export):
     assert "chat_template" in json.loads((tiny_export / "tokenizer_config.json").read_text())
     required = [g for g in manifest["gates"] if g["required"]]
     names = " | ".join(g["name"] for g in required)
-    for expected in ("ONNX fp32 greedy", "q8 bits/byte", "q8 size", "HF AutoModelForCausalLM logits",
+    for expected in ("ONNX fp32 greedy", "q8 bits/byte", "q8 size", "q8-gqa bits/byte", "q8-gqa size",
+                     "HF AutoModelForCausalLM logits",
                      "HF greedy", "chat template", "optimum"):
         assert expected in names
     assert all(g["passed"] for g in required), manifest["gates"]
-    assert {"torch_fp32_tok_s", "onnx_fp32_tok_s", "onnx_int8_tok_s"} <= set(manifest["speed"])
+    assert {"torch_fp32_tok_s", "onnx_fp32_tok_s", "onnx_int8_tok_s", "onnx_int8_gqa_tok_s"} <= set(manifest["speed"])
 
 
 def test_tied_embedding_stored_once(tiny_export):
@@ -115,8 +116,9 @@ def test_contrib_int8_keeps_one_table_and_gathers_int8_rows(tiny_export):
     import onnx
 
     manifest = json.loads((tiny_export / "manifest.json").read_text())
-    assert manifest["onnx_graph"] == "contrib"
-    graph = onnx.load(tiny_export / "onnx" / "model_quantized.onnx").graph
+    assert manifest["onnx_graph"] == "torch"  # the portable graph under the standard names
+    assert not any(n.op_type == "GroupQueryAttention" for n in onnx.load(tiny_export / "onnx" / "model.onnx").graph.node)
+    graph = onnx.load(tiny_export / "onnx" / "model_gqa_quantized.onnx").graph
     vocab_sized = [i.name for i in graph.initializer if 1000 in i.dims]
     assert vocab_sized == ["lm_head_t_quantized"]
     assert sum(n.op_type == "GroupQueryAttention" for n in graph.node) == 2  # one per layer
@@ -153,3 +155,16 @@ def test_cli_export_prints_gate_table_and_chat_runs_on_onnx(tiny_base, tiny_work
     assert json.loads(asked.output)["model"] == "cli-export"
     bad = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "missing.pth"), "--out", str(out)])
     assert bad.exit_code != 0 and "missing.pth" in bad.output and "Traceback" not in bad.output
+
+
+def test_int8_runtime_prefers_the_gqa_file_and_it_answers_like_the_portable_one(tiny_export):
+    from runtime_python.cli import _onnx_backend
+    from runtime_python.onnx_backend import OnnxBackend
+
+    gqa = _onnx_backend(str(tiny_export), "cpu", "int8")
+    assert gqa.dtype == "q8-gqa"
+    portable = OnnxBackend(tiny_export, "q8")
+    ids = [1, 10, 11, 12, 13, 14, 15, 16]
+    # both int8, quantized alike per tensor; the gqa file also quantizes the lm_head, so compare loosely
+    a, b = gqa.prefill(ids), portable.prefill(ids)
+    assert (a - b).abs().max() < 0.5 and int(a.argmax()) == int(b.argmax())
