@@ -77,6 +77,9 @@ def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: P
         if tcfg.seq_len > max_seq:
             raise ValueError(f"seq_len={tcfg.seq_len} exceeds the base model's max_seq_len={max_seq}")
         data = ChatBatches(data_dir, tok, tcfg.seq_len, seed=tcfg.seed)
+        if base_ckpt.get("kind") in ("sft", "lora-merged") and (base_ckpt.get("train_config") or {}).get("seed") == tcfg.seed:
+            click.echo(f"note: {base} was fine-tuned with seed {tcfg.seed} too, so this run starts with the same "
+                       "chats in the same order; pass --set seed=N to continue on others")
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     out_dir = out_dir or Path("runs") / f"sft-{preset}"

@@ -78,6 +78,15 @@ def test_sft_full_and_lora_via_cli(tiny_workspace, tiny_base, sft_dir, tmp_path)
     run = json.loads((tmp_path / "lora" / "run.json").read_text())
     assert 0 < run["trainable_params"] < run["params"] / 5
 
+    # continuing from an SFT model with the same seed would replay its batches: said, and a new seed is quiet
+    again = runner.invoke(builder_main, ["sft", *common[:3], str(tmp_path / "full" / "model.pth"), *common[4:8],
+                                         "--set", "max_steps=2", "--samples", "0", "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0 and "starts with the same chats in the same order" in again.output
+    other_seed = runner.invoke(builder_main, ["sft", *common[:3], str(tmp_path / "full" / "model.pth"), *common[4:8],
+                                              "--set", "max_steps=2", "--set", "seed=7", "--samples", "0",
+                                              "--out", str(tmp_path / "again2")])
+    assert other_seed.exit_code == 0 and "same order" not in other_seed.output
+
     # resuming the full run on top of another base would fine-tune the old weights: refused
     other = [*common[:3], str(tmp_path / "lora" / "model.pth"), *common[4:]]
     stale = runner.invoke(builder_main, ["sft", *other, "--out", str(tmp_path / "full"), "--resume"])
