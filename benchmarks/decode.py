@@ -153,9 +153,7 @@ def main() -> None:
         rows.append((name, dtype, s, tokens, first if compiled else None))
         backend.release()
     if (Path(args.onnx) / "onnx" / "model.onnx").is_file():
-        from runtime_python.onnx_backend import OnnxBackend
-
-        from runtime_python.onnx_backend import ONNX_FILES
+        from runtime_python.onnx_backend import ONNX_FILES, OnnxBackend
 
         for dtype in ("fp32", "q8", "q8-gqa"):
             if not (Path(args.onnx) / "onnx" / ONNX_FILES[dtype]).is_file():

@@ -102,9 +102,9 @@ GRAPHS = ("torch", "contrib")
 NATIVE_INT8 = "model_gqa_quantized.onnx"  # contrib graph, int8: onnxruntime's fastest file at batch 1
 
 
-def export_onnx(model: Transformer, path: Path, graph: str = "contrib") -> None:
-    """fp32 ONNX with dynamic batch, sequence and past length: the contrib-op graph, or `OnnxForward`
-    through `torch.onnx.export(dynamo=True)`."""
+def export_onnx(model: Transformer, path: Path, graph: str = "torch") -> None:
+    """fp32 ONNX with dynamic batch, sequence and past length: `OnnxForward` through
+    `torch.onnx.export(dynamo=True)`, or the contrib-op graph."""
     import warnings
 
     if graph not in GRAPHS:
@@ -154,11 +154,11 @@ def _strip_debug_metadata(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    import onnx
+def quantize_int8(src: Path, dst: Path, graph: str = "torch") -> None:
+    """Dynamic int8 of an fp32 file that `export_onnx(..., graph)` wrote."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if any(n.op_type == "GroupQueryAttention" for n in onnx.load(str(src), load_external_data=False).graph.node):
+    if graph == "contrib":
         from builder import onnx_graph
 
         onnx_graph.quantize_int8(str(src), str(dst))
@@ -174,7 +174,7 @@ def write_native_int8(model: Transformer, dst: Path) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(model, Path(tmp) / "model.onnx", "contrib")
-        quantize_int8(Path(tmp) / "model.onnx", dst)
+        quantize_int8(Path(tmp) / "model.onnx", dst, "contrib")
 
 
 def quantize_q4(src: Path, dst: Path) -> None:
@@ -246,7 +246,7 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
 
     stage("hf folder", write_hf_folder, model, tokenizer, partial)
     stage("onnx fp32", export_onnx, model, partial / "onnx" / "model.onnx", graph)
-    stage("onnx int8", quantize_int8, partial / "onnx" / "model.onnx", partial / "onnx" / "model_quantized.onnx")
+    stage("onnx int8", quantize_int8, partial / "onnx" / "model.onnx", partial / "onnx" / "model_quantized.onnx", graph)
     if native and graph == "torch":
         stage("onnx int8 gqa", write_native_int8, model, partial / "onnx" / NATIVE_INT8)
     if q4:

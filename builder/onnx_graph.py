@@ -117,10 +117,9 @@ def quantize_int8(src: str, dst: str) -> None:
                      op_types_to_quantize=["MatMul"],
                      extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
     model = onnx.load(dst)
-    names = {i.name for i in model.graph.initializer}
-    if "lm_head_t_quantized" in names and any(n.op_type == "Gather" and n.input[0] == "lm_head_t"
-                                                for n in model.graph.node):
-        gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "lm_head_t")
+    quantized = any(i.name == "lm_head_t_quantized" for i in model.graph.initializer)
+    gather = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "lm_head_t"), None)
+    if quantized and gather is not None:  # tied embeddings: the Gather reads the lm_head's table
         gather.input[0] = "lm_head_t_quantized"
         rows = gather.output[0]
         gather.output[0] = rows + "_int8"

@@ -243,11 +243,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     budget_t0, calibrate_from, calibrate_to = time.perf_counter(), step + 5, step + 25  # skip warm-up steps
     while step < train_cfg.max_steps:
         if time_budget_s and not resume and step in (calibrate_from, calibrate_to):
+            accelerator.wait_for_everyone()  # every process times the same steps
             if step == calibrate_from:
-                accelerator.wait_for_everyone()
                 calibrate_t0 = time.perf_counter()
             else:
-                accelerator.wait_for_everyone()
                 per_step = (time.perf_counter() - calibrate_t0) / (calibrate_to - calibrate_from)
                 seconds_left = time_budget_s - (time.perf_counter() - budget_t0)
                 fitted = budgeted_max_steps(train_cfg, step, per_step, seconds_left)
