@@ -198,6 +198,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         started = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
         if started.get("time_budget_s"):  # the fitted step count, not the preset's, ends the schedule
             train_cfg = replace(train_cfg, max_steps=started["train"]["max_steps"])
+            time_budget_s = started["time_budget_s"]  # run.json is rewritten below: keep the record for the next resume
         torch.set_rng_state(state["torch_rng"])
         if main:
             _truncate_metrics(metrics_path, step)

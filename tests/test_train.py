@@ -90,6 +90,14 @@ def test_time_budget_lowers_max_steps_and_completes_the_schedule(tiny_workspace,
     again = CliRunner().invoke(builder_main, args + ["--resume"])
     assert again.exit_code == 0, again.output
     assert torch.load(out / "model.pth", weights_only=True)["step"] == fitted
+    # and so does a later resume without --time-budget (run.json keeps the budget's record)
+    # (a bounded preset length, so a regression fails in seconds instead of training a million steps)
+    no_budget = [f"max_steps={fitted + 50}" if a == "max_steps=1000000" else a
+                 for a in args if a not in ("--time-budget", "3")]
+    for _ in range(2):
+        later = CliRunner().invoke(builder_main, no_budget + ["--resume"])
+        assert later.exit_code == 0, later.output
+        assert torch.load(out / "model.pth", weights_only=True)["step"] == fitted
 
 
 def test_pretrain_errors_are_clear(tiny_workspace, tmp_path, monkeypatch):
