@@ -76,7 +76,7 @@ def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: P
         max_seq = base_ckpt["config"]["max_seq_len"]
         if tcfg.seq_len > max_seq:
             raise ValueError(f"seq_len={tcfg.seq_len} exceeds the base model's max_seq_len={max_seq}")
-        data = ChatBatches(data_dir, tok, tcfg.seq_len, seed=tcfg.seed)
+        data = ChatBatches(data_dir, tok, tcfg.seq_len, seed=tcfg.seed, prompt_loss_weight=tcfg.prompt_loss_weight)
         if base_ckpt.get("kind") in ("sft", "lora-merged") and (base_ckpt.get("train_config") or {}).get("seed") == tcfg.seed:
             click.echo(f"note: {base} was fine-tuned with seed {tcfg.seed} too, so this run starts with the same "
                        "chats in the same order; pass --set seed=N to continue on others")

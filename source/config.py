@@ -63,12 +63,18 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     distributed: str = "ddp"  # "ddp" or "fsdp" (FSDP is meant for GPU clusters)
+    # SFT only: loss weight of the non-assistant tokens (system, context, user). 0 trains on replies alone;
+    # a small weight (OpenAI's old fine-tuning API defaulted to 0.01) also learns from the ~95% of each
+    # chat that is prompt, at no extra compute. Val loss stays replies-only either way.
+    prompt_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
+        if not 0.0 <= self.prompt_loss_weight <= 1.0:
+            raise ValueError(f"prompt_loss_weight must be in [0, 1], got {self.prompt_loss_weight}")
         for name in ("batch_size", "seq_len", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

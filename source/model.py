@@ -166,7 +166,8 @@ class Transformer(nn.Module):
                 last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits, loss). With `cache`, positions continue from `cache.length` and the cache
         advances by T. `targets` uses -100 for ignored positions; `loss_mask` (0/1) further restricts the
-        loss (SFT trains on assistant tokens only). `last_only` computes logits for the last position."""
+        loss (SFT trains on assistant tokens only); a float `loss_mask` weights each token instead.
+        `last_only` computes logits for the last position."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -189,7 +190,13 @@ class Transformer(nn.Module):
         if targets is not None:
             if loss_mask is not None:
                 targets = targets.masked_fill(loss_mask == 0, -100)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            flat_logits, flat_targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)
+            if loss_mask is not None and loss_mask.is_floating_point():  # per-token weights: a weighted mean
+                weights = loss_mask.reshape(-1).float()
+                per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")
+                loss = (per_token * weights).sum() / weights.sum().clamp_min(1e-8)
+            else:
+                loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
         return logits, loss
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:

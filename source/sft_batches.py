@@ -4,6 +4,9 @@ Each example (see sft_data.py) becomes `encode_chat(to_chat_messages(example))` 
 assistant mask, cut to `seq_len + 1` tokens. A batch pads to its longest example (not to `seq_len`), so
 short chats cost little; padding positions carry mask 0 and never reach the loss.
 
+With `prompt_loss_weight` w > 0 the train mask is a float weight instead: 1 on assistant tokens, w on
+the rest of the chat, 0 on padding (the val mask stays 0/1, so val loss is comparable across runs).
+
 Like token_data.TokenShards, batch contents are a pure function of (seed, step, micro, rank), which is
 what makes `--resume` exact without any data-loader state.
 """
@@ -44,9 +47,9 @@ def read_jsonl(path: Path) -> list[dict]:
 class ChatBatches:
     """`BatchSource` over `train.jsonl` / `test.jsonl` of an SFT data folder."""
 
-    def __init__(self, sft_dir: str | Path, tokenizer, seq_len: int, seed: int = 0):
+    def __init__(self, sft_dir: str | Path, tokenizer, seq_len: int, seed: int = 0, prompt_loss_weight: float = 0.0):
         sft_dir = Path(sft_dir)
-        self.seed, self.pad_id = seed, tokenizer.eos_id
+        self.seed, self.pad_id, self.prompt_loss_weight = seed, tokenizer.eos_id, prompt_loss_weight
         self.splits: dict[str, list[tuple[list[int], list[int]]]] = {}
         for split, name in (("train", "train.jsonl"), ("val", "test.jsonl")):
             path = sft_dir / name
@@ -76,9 +79,12 @@ class ChatBatches:
         rows = [data[i] for i in picks]
         width = max(len(ids) for ids, _ in rows)
         x = torch.full((batch_size, width), self.pad_id, dtype=torch.long)
-        m = torch.zeros((batch_size, width), dtype=torch.long)
+        weighted = split == "train" and self.prompt_loss_weight > 0
+        m = torch.zeros((batch_size, width), dtype=torch.float32 if weighted else torch.long)
         for r, (ids, mask) in enumerate(rows):
             x[r, :len(ids)] = torch.tensor(ids)
             m[r, :len(mask)] = torch.tensor(mask)
+            if weighted:
+                m[r, :len(mask)] += self.prompt_loss_weight * (1 - m[r, :len(mask)])
         # targets are the next token; the mask follows the target position
         return x[:, :-1], x[:, 1:], m[:, 1:]

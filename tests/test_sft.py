@@ -55,6 +55,38 @@ def test_loss_mask_covers_exactly_the_assistant_reply(tiny_workspace, sft_dir):
     assert batches.batch("train", 4, 256, step=3)[0].equal(x)  # addressed by step: reproducible
 
 
+def test_prompt_loss_weight_weights_the_prompt_and_keeps_val_replies_only(tiny_workspace, sft_dir):
+    from source.config import ModelConfig
+    from source.model import Transformer
+
+    tok = Tokenizer.load(tiny_workspace["tokenizer"])
+    plain = ChatBatches(sft_dir, tok, seq_len=256, seed=0)
+    weighted = ChatBatches(sft_dir, tok, seq_len=256, seed=0, prompt_loss_weight=0.05)
+    x, y, mask = plain.batch("train", 4, 256, step=3)
+    wx, wy, weights = weighted.batch("train", 4, 256, step=3)
+    assert wx.equal(x) and wy.equal(y) and weights.is_floating_point()
+    lengths = [len(ids) - 1 for ids, _ in (weighted.splits["train"][i] for i in range(len(weighted)))]
+    for row in range(4):
+        real = (weights[row] > 0).sum().item()
+        assert real in lengths  # padding gets weight 0
+        assert torch.equal(weights[row][mask[row].bool()], torch.ones(int(mask[row].sum())))
+        prompt = weights[row][:real][~mask[row][:real].bool()]
+        assert prompt.numel() > 0 and torch.allclose(prompt, torch.full_like(prompt, 0.05))
+    assert not weighted.batch("val", 4, 256, step=0)[2].is_floating_point()  # val loss: replies only
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                    ffn_hidden=64, max_seq_len=256))
+    logits, replies_only = model(x, y, loss_mask=mask)
+    per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
+    assert torch.allclose(replies_only, per_token[mask.bool()].mean(), atol=1e-5)
+    _, weighted_loss = model(x, y, loss_mask=weights)
+    assert torch.allclose(weighted_loss, (per_token * weights).sum() / weights.sum(), atol=1e-5)
+    assert not torch.allclose(weighted_loss, replies_only)
+    _, as_float = model(x, y, loss_mask=mask.float())  # 0/1 weights == the plain mask
+    assert torch.allclose(as_float, replies_only, atol=1e-5)
+
+
 def test_sft_full_and_lora_via_cli(tiny_workspace, tiny_base, sft_dir, tmp_path):
     runner = CliRunner()
     common = ["--preset", "tiny", "--base", str(tiny_base), "--data", str(sft_dir), "--tokenizer",
