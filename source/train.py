@@ -84,6 +84,21 @@ def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 8, t
     return best
 
 
+def slow_cpu_bf16(size: int = 256, repeats: int = 2) -> tuple[bool, float, float]:
+    """(is bf16 much slower than fp32 here?, bf16 GFLOP/s, fp32 GFLOP/s) for CPU matmuls. CPUs without
+    AVX512-BF16/AMX emulate bf16: on such an AMD EPYC a 1024^2 bf16 matmul ran at ~1 GFLOP/s vs ~84 in
+    fp32, so bf16 autocast made a training step minutes long instead of seconds."""
+    speed = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, size, dtype=dtype)
+        a @ a  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ a
+        speed[dtype] = 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e9
+    return speed[torch.bfloat16] < 0.5 * speed[torch.float32], speed[torch.bfloat16], speed[torch.float32]
+
+
 def budgeted_max_steps(cfg: TrainConfig, step: int, seconds_per_step: float, seconds_left: float) -> int:
     """The step count that fits a wall-clock budget, never more than the configured max_steps. Evaluation
     passes cost about `eval_batches` forward passes each, a third of a training step per batch."""
@@ -164,6 +179,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    if train_cfg.precision == "bf16" and not torch.cuda.is_available():
+        slow, bf16_gflops, fp32_gflops = slow_cpu_bf16()
+        if slow:
+            train_cfg = replace(train_cfg, precision="fp32")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"note: this CPU has no fast bf16 (matmul {bf16_gflops:.1f} GFLOP/s vs {fp32_gflops:.1f} "
+                      "in fp32): training in fp32; --set precision=fp32 skips this check", flush=True)
     accelerator = _accelerator(train_cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.device.type == "cpu" and world > 1:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from builder.cli import main as builder_main
 from source.config import train_config
-from source.train import budgeted_max_steps, lr_at
+from source.train import budgeted_max_steps, lr_at, slow_cpu_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,10 @@ def test_pretrain_cli_learns_and_writes_checkpoint(tiny_workspace, tmp_path, mon
     assert ckpt["step"] == 60 and ckpt["kind"] == "pretrain" and ckpt["config"]["vocab_size"] == 1000
     assert (tmp_path / "runs" / "tokens").is_dir()
     run = json.loads((out / "run.json").read_text())
+    # bf16 autocast only where bf16 is fast: emulated CPU bf16 made a small-preset step minutes long
+    slow_bf16 = slow_cpu_bf16()[0]
+    assert run["train"]["precision"] == ("fp32" if slow_bf16 else "bf16")
+    assert ("no fast bf16" in result.output) == slow_bf16
     assert run["train"]["max_steps"] == 60 and run["params"] < 1_000_000
 
 
