@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from source.corpus.build import iter_records
 from source.files import atomic_write_bytes
-from source.sft_templates import (QA_BUILDERS, candidates, chitchat_turns, cite, grounded_context,
+from source.sft_templates import (K, QA_BUILDERS, candidates, chitchat_turns, cite, grounded_context,
                                   no_answer_context)
 from source.tokenizer import format_context
 
@@ -56,6 +56,8 @@ DEFAULT_LIMITS = {"docstrings": 9000, "pydoc-topics": 600, "python-docs": 7000, 
                   "foldoc": 8000, "chitchat": 5500}
 _CITATION = re.compile(r" ?\[\d+\]")
 NO_ANSWER_SHARE, SHUFFLE_SHARE, FOLLOWUP_SHARE = 0.15, 0.4, 0.08
+# the runtime retrieves for every message, small talk included: most chit-chat shows passages it ignores
+CHITCHAT_CONTEXT_SHARE = 0.6
 
 
 # ----------------------------------------------------------------------------- the example format
@@ -268,6 +270,9 @@ def generate_examples(data_dir, index_path, seed: int = 0, limits: dict | None =
     index = Index(index_path)
     by_source = load_records(data_dir)
     split = _chitchat(by_source.get("chitchat", []), limits.get("chitchat", 0), seed, tokenizer, max_tokens)
+    for part in split:
+        add_retrieved_context(split[part], index, random.Random(f"{seed}:chitchat-context:{part}"), tokenizer,
+                              max_tokens)
     # greetings to open a few QA chats with, so a question after small talk still gets read + cited
     openers = {part: [ex["messages"][:2] for ex in exs if ex["meta"].get("opener")] for part, exs in split.items()}
     fillers = [r["id"] for s in QA_BUILDERS for r in by_source.get(s, [])]
@@ -323,6 +328,23 @@ def _chitchat(records: list[dict], quota: int, seed: int, tokenizer, max_tokens:
                 ex["messages"] = ex["messages"][2:]
             split[part].append(ex)
     return split
+
+
+def add_retrieved_context(examples: list[dict], index, rng: random.Random, tokenizer, max_tokens: int,
+                          share: float = CHITCHAT_CONTEXT_SHARE) -> int:
+    """Give `share` of the chit-chat examples the passages the runtime would retrieve for their last user
+    turn. The reply stays the same and cites nothing: without this the model only ever saw passages
+    next to questions and answered "Hi! How are you?" with "I don't know". Returns how many got them."""
+    added = 0
+    for ex in examples:
+        if ex["meta"]["kind"] != "chitchat" or ex.get("context") or rng.random() >= share:
+            continue
+        last_user = [m["content"] for m in ex["messages"] if m["role"] == "user"][-1]
+        trial = dict(ex)
+        if fit_budget(trial, index.search(last_user, K), tokenizer, max_tokens) and trial.get("context"):
+            ex["context"] = trial["context"]
+            added += 1
+    return added
 
 
 def _qa_example(index, item, gold, question, answer, source, fillers, rng, openers, tokenizer, max_tokens):

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from builder.cli import main
 from source.helper_client import (API_KEY_ENV, HelperError, chat_completion, generate_with_helper,
                                   normalize_question, parse_reply, BadReply)
-from source.sft_data import (DEFAULT_SYSTEM_PROMPT, NO_ANSWER_REPLIES, generate_examples, is_test_entity,
-                             load_examples, to_chat_messages)
+from source.sft_data import (DEFAULT_SYSTEM_PROMPT, NO_ANSWER_REPLIES, add_retrieved_context, generate_examples,
+                             is_test_entity, load_examples, to_chat_messages)
 from source.sft_templates import chitchat_turns, cite
 from source.tokenizer import Tokenizer, format_context
 
@@ -131,6 +131,32 @@ def test_chitchat_windows_alternate_and_end_with_the_assistant():
         assert all(a["role"] != b["role"] for a, b in zip(w, w[1:]))
         assert all(m["content"] and "\n" not in m["content"] and not m["content"].startswith(("A:", "B:"))
                    for m in w)
+
+
+def test_chitchat_gets_the_passages_the_runtime_would_retrieve(tiny_index, tokenizer):
+    import random
+
+    from source.retrieval import Index
+
+    chats = [{"messages": [{"role": "user", "content": f"Hi! Do you like {w}?"},
+                           {"role": "assistant", "content": "Sure, I like it a lot."}],
+              "meta": {"kind": "chitchat", "entity": f"c{i}", "source": "chitchat", "gold": None}}
+             for i, w in enumerate(["lists", "words", "classes", "loops"] * 5)]
+    qa = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a [1]."}],
+          "context": [], "meta": {"kind": "grounded"}}
+    index = Index(tiny_index)
+    try:
+        added = add_retrieved_context(chats + [qa], index, random.Random(0), tokenizer, MAX_TOKENS, share=0.5)
+        with_context = [c for c in chats if c.get("context")]
+        assert added == len(with_context) and 3 <= added <= 17 and qa["context"] == []  # QA is left alone
+        for chat in with_context:
+            hits = [p.id for p in index.search(chat["messages"][0]["content"], 3)]
+            assert [p["id"] for p in chat["context"]] == hits
+            assert chat["messages"][-1]["content"] == "Sure, I like it a lot."  # the reply cites nothing
+            ids, mask = tokenizer.encode_chat(to_chat_messages(chat), add_generation_prompt=False)
+            assert len(ids) <= MAX_TOKENS and sum(mask) > 0
+    finally:
+        index.close()
 
 
 # ----------------------------------------------------------------------------- user files
