@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from builder.cli import main as builder_main
 from source.config import train_config
-from source.train import budgeted_max_steps, lr_at, slow_cpu_bf16
+from source.train import _accelerator, budgeted_max_steps, lr_at, slow_cpu_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +63,15 @@ def test_pretrain_cli_learns_and_writes_checkpoint(tiny_workspace, tmp_path, mon
     assert run["train"]["precision"] == ("fp32" if slow_bf16 else "bf16")
     assert ("no fast bf16" in result.output) == slow_bf16
     assert run["train"]["max_steps"] == 60 and run["params"] < 1_000_000
+
+
+def test_one_process_can_train_in_both_precisions_and_the_probe_is_stable():
+    # CI failed when one run in the suite chose bf16 and every later run in the process was refused by
+    # accelerate's per-process state; the probe must also answer the same within a process.
+    assert slow_cpu_bf16() == slow_cpu_bf16()
+    for precision in ("bf16", "fp32", "bf16"):
+        acc = _accelerator(train_config("tiny", [f"precision={precision}"]))
+        assert acc.mixed_precision == ("bf16" if precision == "bf16" else "no")
 
 
 def test_budgeted_max_steps_fits_the_time_left_and_never_grows():
