@@ -22,21 +22,6 @@ _END = re.compile(r"[.!?][\"')]?$")
 # a sentence that only announced a list or code block ("... as follows:", "This includes utilities for:")
 _DANGLING = re.compile(r"\b(follows|following|below|example|examples|this|these|such|for|of|to|with|in|on|by|as|"
                        r"like|from|include|includes|including|is|are|the|a|an|and|or)\.$", re.I)
-VERBS = set("""
-accept acquire add allow append apply ask assert assign attach await bind block build calculate call
-cancel change check clear close collect combine compare compile compute concatenate configure connect
-construct contain convert copy count create decode decompress define delete deserialize detach
-determine disable discard dispatch display do dump emit enable encode ensure enter escape evaluate
-execute exit expand extend extract fetch fill filter find finish flush force format generate get give
-go handle hash ignore implement import indicate initialize insert install instantiate interpret invoke
-iterate join keep kill launch listen load lock log look make map mark match merge modify move
-normalize notify open override pack parse pass perform pop prepare print process produce provide push
-put quote raise read receive reduce register reinitialize release reload remove rename repeat
-replace report reset resolve restore retrieve return reverse rewind run save schedule search seek
-select send serialize set show shut signal skip sleep sort specify split start stop store strip
-submit substitute swap switch take tell terminate test translate truncate try turn undo unlink unlock
-unpack unquote unregister update use validate verify wait walk warn wrap write yield
-""".split())
 
 
 # ----------------------------------------------------------------------------- text helpers
@@ -75,28 +60,12 @@ def first_prose(text: str) -> str | None:
     return next((p for p in paragraphs(text) if is_prose(p)), None)
 
 
-def clean_rst(s: str) -> str:
-    s = re.sub(r":[\w:]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`", r"\1", s)
-    s = re.sub(r"``([^`]+)``", r"\1", s)
-    return re.sub(r"\s*<https?://[^>]+>", "", s)
-
-
 def cite(answer: str, n: int) -> str:
     """'X is y.' -> 'X is y [n].' (the marker goes before the final punctuation)."""
     a = answer.rstrip()
     if re.search(r"\b(etc|e\.g|i\.e|al|[A-Z])\.$", a):  # the dot belongs to an abbreviation
         return f"{a} [{n}]"
     return f"{a[:-1]} [{n}]{a[-1]}" if a[-1:] in ".!?" else f"{a} [{n}]."
-
-
-def third_person(verb: str) -> str:
-    if verb in ("do", "go"):
-        return verb + "es"
-    if verb.endswith(("s", "sh", "ch", "x", "z")):
-        return verb + "es"
-    if verb.endswith("y") and verb[-2:-1] not in tuple("aeiou"):
-        return verb[:-1] + "ies"
-    return verb + "s"
 
 
 def phrase(title: str) -> str:
@@ -143,36 +112,31 @@ _RELATIVE = {"where", "which", "that", "who", "whose", "for", "of", "with", "use
 # ----------------------------------------------------------------------------- builders
 
 def qa_docstring(rec: dict, text: str, records: list, rng: random.Random) -> dict | None:
+    """Every answer quotes the docstring's lead as it stands ("json.dumps: Serialize ``obj`` to a JSON
+    formatted ``str`` [1]."), ``literals`` included: they read as code in Markdown. Rephrasing it into
+    "json.dumps serializes obj to ..." (the generator did until v6) asked an 8M-parameter model to
+    lowercase, conjugate and drop markup while copying; v5 and v6 garbled those answers and not the
+    FOLDOC and WordNet ones, which are quoted."""
     name, module = rec["title"], rec["origin"]
     head, _, body = text.partition("\n\n")
     para = body.split("\n\n")[0] if body else ""
     span = lead(para) if para and is_prose(para) else None
     if not span:
         return None
-    s = clean_rst(span)
-    first, _, rest = s.partition(" ")
-    v = first.lower()
-    verb = v in VERBS or (v.endswith("s") and (v[:-1] in VERBS or v[:-2] in VERBS or v[:-3] + "y" in VERBS))
-    if verb:  # "Write a prompt and read a line." -> "writes a prompt and reads a line."
-        rest = re.sub(r"\b(and|or) (\w+)\b", lambda m: f"{m[1]} {third_person(m[2]) if m[2] in VERBS else m[2]}", rest)
-    said = f"{third_person(v) if v in VERBS else v} {rest}" if verb and rest else None
     if head.startswith("Module "):
-        s = re.sub(r"^This (module|package) ", f"The {name} \\1 ", s)
-        desc = s if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", s) else f"The {name} module: {s}"
+        desc = span if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", span) else f"The {name} module: {span}"
         return {"entity": name, "span": span, "qa": [(q, desc) for q in (
             f"What is the {name} module?", f"What does the {name} module do?", f"What is {name} used for in Python?",
             f"Tell me about the {name} module.", f"{name} module?", f"Explain the {name} module.")]}
+    desc = f"{name}: {span}"
     sig = re.sub(r"\(self(, )?", "(", head.removeprefix("class ").strip())
     usage_sig = f"{sig}." if len(sig) <= 90 and sig.startswith(name) else None
     if head.startswith("class "):
-        desc = (f"{name} is {lc_article(s)}" if v in ("a", "an", "the") else
-                f"{name} {said}" if said else f"{name}: {s}")
         usage = f"Create one with {usage_sig} {desc}" if usage_sig else desc
         return {"entity": name, "span": span, "qa": [
             (f"What is {name}?", desc), (f"What is the {name} class?", desc), (f"What is {name} used for?", desc),
             (f"Explain the {name} class.", desc), (f"{name}?", desc), (f"How do I create a {name}?", usage)]}
-    desc = f"{name} {said}" if said else f"{name}: {s}"
-    usage = f"Call {usage_sig} It {said}" if usage_sig and said else desc
+    usage = f"Call {usage_sig} {desc}" if usage_sig else desc
     qa = [(f"What does {name} do?", desc), (f"What is {name} used for?", desc), (f"Explain {name}.", desc),
           (f"How do I use {name}?", usage), (f"{name}?", desc), (f"what does {name} do", desc),
           (f"Tell me about {name}.", desc)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import random
 import re
 import threading
 import time
@@ -17,7 +18,7 @@ from source.helper_client import (API_KEY_ENV, HelperError, chat_completion, gen
                                   normalize_question, parse_reply, BadReply)
 from source.sft_data import (DEFAULT_SYSTEM_PROMPT, NO_ANSWER_REPLIES, add_retrieved_context, generate_examples,
                              is_test_entity, load_examples, to_chat_messages)
-from source.sft_templates import chitchat_turns, cite
+from source.sft_templates import chitchat_turns, cite, qa_docstring
 from source.tokenizer import Tokenizer, format_context
 
 LIMITS = {"pydoc-topics": 150, "wordnet": 300, "docstrings": 0, "python-docs": 0, "foldoc": 0, "chitchat": 0}
@@ -75,6 +76,22 @@ def test_grounded_answers_cite_the_gold_passage(generated):
     assert positions == {1, 2, 3}  # the model must read the sources, not always cite [1]
     assert all(e["meta"]["entity"] in e["messages"][-1]["content"] for e in grounded
                if e["meta"]["source"] == "wordnet")  # "'ephemeral' means ..." names its word
+
+
+def test_docstring_answers_quote_the_passage_verbatim():
+    # rephrased answers ("json.dumps serializes obj to ...") were what v5/v6 garbled
+    text = ("json.dumps(obj, *, skipkeys=False, indent=None)\n\nSerialize ``obj`` to a JSON formatted ``str``.\n\n"
+            "If ``skipkeys`` is true then ``dict`` keys that are not basic types will be skipped.")
+    rec = {"title": "json.dumps", "origin": "json"}
+    out = qa_docstring(rec, text, [rec], random.Random(0))
+    quote = "Serialize ``obj`` to a JSON formatted ``str``."
+    assert out["span"] == quote
+    answers = dict(out["qa"])
+    assert answers["What does json.dumps do?"] == f"json.dumps: {quote}"
+    assert answers["How do I use json.dumps?"] == f"Call json.dumps(obj, *, skipkeys=False, indent=None). json.dumps: {quote}"
+    assert answers["What does dumps() in the json module do?"] == f"json.dumps: {quote}"
+    assert all(quote in a for a in answers.values())
+    assert qa_docstring(rec, "json.dumps(obj)\n\n>>> json.dumps(1)\n'1'", [rec], random.Random(0)) is None  # no prose
 
 
 def test_no_answer_examples_leave_the_gold_out(generated):
