@@ -55,7 +55,8 @@ def sft_data(data_dir: Path, index_path: Path, out_dir: Path, add: tuple[Path, .
     Entities whose name hashes into the held-out 5% appear only in test.jsonl.
     """
     from source.helper_client import HelperError, generate_with_helper
-    from source.sft_data import build_sft_data, load_examples
+    from source.sft_data import build_sft_data
+    from source.sft_format import load_examples
     from source.tokenizer import Tokenizer
 
     if not (data_dir / "manifest.json").is_file() or not any(data_dir.glob("train-*.parquet")):

@@ -13,7 +13,6 @@ folder per version, `models/versions/vN/{model.pth, tokenizer/, model_info.json,
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from typing import Any
 
 from source.files import atomic_write_bytes, sha256_file
 from source.run_logs import run_logs
+from source.version_summary import finite_number as _num, training_summary, version_readme
 
 FORMAT = "supermix-registry-v1"
 KINDS = ("pretrain", "sft", "lora-merged")
@@ -57,11 +57,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-
-def _num(x: Any) -> float | None:
-    """A metric as a float; None when absent or not a finite number."""
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def _fmt(x: float | None) -> str:
@@ -217,7 +212,7 @@ class Registry:
             metrics: dict | None = None, training: dict | None = None, notes: str = "",
             dataset_manifest_sha256: str | None = None) -> Version:
         """Copy a checkpoint and its tokenizer into versions/vN and register them as vN. Training summary and
-        val_bpb come from the checkpoint and its run folder (`_training_summary`); `training`/`metrics` override."""
+        val_bpb come from the checkpoint and its run folder (`training_summary`); `training`/`metrics` override."""
         ck, state, checkpoint_path, tokenizer_dir = _ckpt(), self.load(), Path(checkpoint_path), Path(tokenizer_dir)
         parent_id = self._find(state, parent).id if parent is not None else None
         try:
@@ -232,7 +227,7 @@ class Registry:
                                 f"{tokenizer_dir}/tokenizer.model has {tok_sha[:12]}...: wrong tokenizer folder")
         if (kind := ckpt.get("kind", "pretrain")) not in KINDS:
             raise RegistryError(f"{checkpoint_path}: checkpoint kind {kind!r} is not one of {', '.join(KINDS)}")
-        derived, val_bpb = _training_summary(ckpt, checkpoint_path)
+        derived, val_bpb = training_summary(ckpt, checkpoint_path)
         vid = f"v{state['next_id']}"
         version = Version(
             id=vid, created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), parent=parent_id, kind=kind,
@@ -364,44 +359,3 @@ class Registry:
 
 def _changes(x: dict, y: dict) -> dict:
     return {k: (x.get(k), y.get(k)) for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)}
-
-
-def _training_summary(ckpt: dict, path: Path) -> tuple[dict, float | None]:
-    """(summary, val_bpb) from the checkpoint's metadata and, when it still sits in the run folder that
-    wrote it, that folder's run.json (hardware) and metrics.jsonl (wall time and val_bpb at the saved step)."""
-    tc, step = ckpt.get("train_config") or {}, ckpt.get("step")
-    s: dict[str, Any] = {"steps": step, "tokens": ckpt.get("tokens"), "preset": ckpt.get("preset")}
-    if tc:
-        g = tc.get
-        s.update(optimizer=f"AdamW lr={g('lr')} betas=({g('beta1')}, {g('beta2')}) wd={g('weight_decay')}",
-                 schedule=f"warmup {g('warmup_steps')} steps, cosine to {g('min_lr_ratio')}x at step {g('max_steps')}",
-                 batch=f"{g('batch_size')} x {g('seq_len')} tokens x {g('grad_accum')} accumulation",
-                 precision=g("precision"), train_config=tc)
-    val_bpb = None
-    try:
-        run = json.loads((path.parent / "run.json").read_text())
-        if run.get("tokenizer_sha256") == ckpt["tokenizer"] and step is not None:
-            s["hardware"] = f"{run.get('device')} x{run.get('processes', 1)}"
-            for line in filter(str.strip, (path.parent / "metrics.jsonl").read_text().splitlines()):
-                if (rec := json.loads(line)).get("step", math.inf) <= step:
-                    s["seconds"] = rec.get("elapsed", s.get("seconds"))
-                    val_bpb = rec.get("val_bpb", val_bpb)
-    except (OSError, ValueError, AttributeError):
-        pass  # a checkpoint copied out of its run folder: its own metadata is all there is
-    return {k: v for k, v in s.items() if v is not None}, _num(val_bpb)
-
-
-def version_readme(v: Version) -> str:
-    """The generated README.md of a version folder."""
-    c, t = v.config, v.training
-    facts = {"parameters": f"{v.params:,}", "parent": v.parent, "architecture":
-             f"{c.get('n_layers')} layers, dim {c.get('dim')}, {c.get('n_heads')} heads ({c.get('n_kv_heads')} kv), "
-             f"vocab {c.get('vocab_size')}, context {c.get('max_seq_len')}",
-             "tokenizer sha256": f"`{v.tokenizer_sha256}`", "dataset manifest sha256": v.dataset_manifest_sha256,
-             **{f"training {k}": t.get(k) for k in ("steps", "tokens", "seconds", "hardware", "precision")},
-             **dict(sorted(v.metrics.items()))}
-    return "\n".join([
-        f"# Supermix {v.id} ({v.kind})", "", f"Registered {v.created}.", "",
-        *(f"- {k}: {val}" for k, val in facts.items() if val is not None), "", *([v.notes, ""] if v.notes else []),
-        "`model.pth` loads with `source.checkpoint.load_model`; `tokenizer/` holds the SentencePiece and Hugging Face",
-        f"tokenizer files; `model_info.json` is the registry entry. Verify them: `builder models info {v.id}`.", ""])

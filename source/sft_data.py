@@ -5,9 +5,10 @@ Design choices:
   `to_chat_messages` is the one place that lays an example out for the chat template: training
   (sft_batches) and the runtime both call it, so the model sees the same layout in both.
 - Copy, don't invent: every answer is one or two sentences lifted from the gold passage (docstring
-  summary, WordNet gloss, FOLDOC first sentence, first prose of a doc section), lightly rephrased
-  ("Return x" -> "f returns x"), ending with the gold's citation marker. An 8M model can learn
-  copy-and-cite; it cannot learn to state facts it was never shown.
+  summary, WordNet gloss, FOLDOC first sentence, first prose of a doc section), quoted verbatim after
+  the entity's name ("json.dumps: Serialize ..."), ending with the gold's citation marker. An 8M model
+  can learn copy-and-cite; it cannot learn to state facts it was never shown, and it garbled the
+  rephrased answers ("f returns x") that earlier versions trained on.
 - The context is what the runtime gives: the top-3 retrieval hits for the question, passages
   clipped to PASSAGE_CHARS (`prepare_context`). A hit on another chunk of the gold record is
   swapped for the gold chunk; a miss inserts the gold at a random position. Retrieval ranks the
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 from source.corpus.build import iter_records
 from source.files import atomic_write_bytes
+from source.sft_format import from_instruction, load_examples, write_jsonl
 from source.sft_templates import (K, QA_BUILDERS, candidates, chitchat_turns, cite, grounded_context,
                                   no_answer_context)
 from source.tokenizer import format_context
@@ -46,7 +48,6 @@ NO_ANSWER_REPLIES = ("I don't know — the sources I have don't cover that.",
                      "I don't know. The sources don't answer that question.",
                      "Sorry, I don't know: none of the sources mention it.",
                      "The sources I have don't say, so I don't know.")
-ROLES = ("system", "user", "assistant")
 KINDS = ("grounded", "no-answer", "chitchat", "user", "helper")
 PASSAGE_CHARS = 450  # three passages + prompt + answer fit in MAX_TOKENS
 MAX_TOKENS = 512
@@ -100,98 +101,6 @@ def prepare_context(passages: list, max_chars: int = PASSAGE_CHARS) -> list[dict
         out.append({"id": d.get("id", ""), "title": d.get("title", ""), "source": d.get("source", ""),
                     "text": clip_text(d.get("text", ""), max_chars)})
     return out
-
-
-def from_instruction(obj: dict) -> dict:
-    """{"instruction", "input"?, "output"} -> the messages format."""
-    user = obj["instruction"].strip()
-    if (obj.get("input") or "").strip():
-        user += "\n\n" + obj["input"].strip()
-    out = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]}
-    if obj.get("context"):
-        out["context"] = obj["context"]
-    return out
-
-
-def _nonempty(obj: dict, key: str, where: str) -> None:
-    if not isinstance(obj.get(key), str) or not obj[key].strip():
-        raise ValueError(f"{where}{key}: {'missing' if key not in obj else 'must be a non-empty string'}")
-
-
-def check_example(obj) -> dict:
-    """Validate one example in either format; return it in the messages format.
-
-    Raises ValueError("field: problem"), e.g. "messages[1].role: 'bot' is not one of system, ...".
-    """
-    if not isinstance(obj, dict):
-        raise ValueError(f"example: expected a JSON object, got {type(obj).__name__}")
-    if "messages" not in obj and "instruction" in obj:
-        _nonempty(obj, "instruction", "")
-        _nonempty(obj, "output", "")
-        if not isinstance(obj.get("input", ""), (str, type(None))):
-            raise ValueError("input: must be a string")
-        obj = {**from_instruction(obj), "meta": obj.get("meta")}
-    msgs = obj.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError('messages: missing (need "messages" or "instruction" + "output")'
-                         if msgs is None else "messages: must be a non-empty list")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}]: must be an object with role and content")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}].role: {m.get('role')!r} is not one of {', '.join(ROLES)}")
-        if m["role"] == "system" and i:
-            raise ValueError(f"messages[{i}].role: a system message may only come first")
-        _nonempty(m, "content", f"messages[{i}].")
-    if not any(m["role"] == "user" for m in msgs):
-        raise ValueError("messages: no user message")
-    if msgs[-1]["role"] != "assistant":
-        raise ValueError(f"messages[{len(msgs) - 1}].role: the last message must be the assistant's reply")
-    ctx = obj.get("context")
-    if ctx is not None:
-        if not isinstance(ctx, list):
-            raise ValueError("context: must be a list of passages")
-        for i, p in enumerate(ctx):
-            if not isinstance(p, dict):
-                raise ValueError(f"context[{i}]: must be an object with a text")
-            _nonempty(p, "text", f"context[{i}].")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    meta = {"kind": "user", "entity": "", "source": "user", "gold": None, **meta}
-    out = {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs], "meta": meta}
-    if ctx:
-        out["context"] = ctx
-    return out
-
-
-def load_examples(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list[dict], int]:
-    """Examples of a JSONL file (either format). A bad line raises ValueError("file:line: field: problem"),
-    or with `skip_bad` is skipped and counted. Returns (examples, n_bad)."""
-    examples, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-                examples.append(check_example(obj))
-            except ValueError as e:
-                if not skip_bad:
-                    raise ValueError(f"{path}:{n}: {e}") from None
-                bad += 1
-    return examples, bad
-
-
-def write_jsonl(path: str | os.PathLike, examples: list[dict]) -> None:
-    """Write atomically: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def is_test_entity(entity: str, fraction: float = TEST_FRACTION) -> bool:

@@ -17,7 +17,8 @@ from builder.cli import main
 from source.helper_client import (API_KEY_ENV, HelperError, chat_completion, generate_with_helper,
                                   normalize_question, parse_reply, BadReply)
 from source.sft_data import (DEFAULT_SYSTEM_PROMPT, NO_ANSWER_REPLIES, add_retrieved_context, generate_examples,
-                             is_test_entity, load_examples, to_chat_messages)
+                             is_test_entity, to_chat_messages)
+from source.sft_format import load_examples
 from source.sft_templates import chitchat_turns, cite, qa_docstring
 from source.tokenizer import Tokenizer, format_context
 

@@ -1,0 +1,107 @@
+"""The SFT example format: validation of user-brought JSONL and atomic JSONL writes.
+
+Two input formats are accepted, one is stored:
+- {"messages": [{"role", "content"}...], "context": [passages] (optional), "meta": {...}} (stored);
+- {"instruction", "input"?, "output", "context"?} (what users often bring), converted on load.
+A bad example raises ValueError("field: problem"); `load_examples` prefixes "file:line: ", so a user
+can fix their file without reading our code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant")
+
+def from_instruction(obj: dict) -> dict:
+    """{"instruction", "input"?, "output"} -> the messages format."""
+    user = obj["instruction"].strip()
+    if (obj.get("input") or "").strip():
+        user += "\n\n" + obj["input"].strip()
+    out = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]}
+    if obj.get("context"):
+        out["context"] = obj["context"]
+    return out
+
+
+def _nonempty(obj: dict, key: str, where: str) -> None:
+    if not isinstance(obj.get(key), str) or not obj[key].strip():
+        raise ValueError(f"{where}{key}: {'missing' if key not in obj else 'must be a non-empty string'}")
+
+
+def check_example(obj) -> dict:
+    """Validate one example in either format; return it in the messages format.
+
+    Raises ValueError("field: problem"), e.g. "messages[1].role: 'bot' is not one of system, ...".
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"example: expected a JSON object, got {type(obj).__name__}")
+    if "messages" not in obj and "instruction" in obj:
+        _nonempty(obj, "instruction", "")
+        _nonempty(obj, "output", "")
+        if not isinstance(obj.get("input", ""), (str, type(None))):
+            raise ValueError("input: must be a string")
+        obj = {**from_instruction(obj), "meta": obj.get("meta")}
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError('messages: missing (need "messages" or "instruction" + "output")'
+                         if msgs is None else "messages: must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}]: must be an object with role and content")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}].role: {m.get('role')!r} is not one of {', '.join(ROLES)}")
+        if m["role"] == "system" and i:
+            raise ValueError(f"messages[{i}].role: a system message may only come first")
+        _nonempty(m, "content", f"messages[{i}].")
+    if not any(m["role"] == "user" for m in msgs):
+        raise ValueError("messages: no user message")
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError(f"messages[{len(msgs) - 1}].role: the last message must be the assistant's reply")
+    ctx = obj.get("context")
+    if ctx is not None:
+        if not isinstance(ctx, list):
+            raise ValueError("context: must be a list of passages")
+        for i, p in enumerate(ctx):
+            if not isinstance(p, dict):
+                raise ValueError(f"context[{i}]: must be an object with a text")
+            _nonempty(p, "text", f"context[{i}].")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    meta = {"kind": "user", "entity": "", "source": "user", "gold": None, **meta}
+    out = {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs], "meta": meta}
+    if ctx:
+        out["context"] = ctx
+    return out
+
+
+def load_examples(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list[dict], int]:
+    """Examples of a JSONL file (either format). A bad line raises ValueError("file:line: field: problem"),
+    or with `skip_bad` is skipped and counted. Returns (examples, n_bad)."""
+    examples, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+                examples.append(check_example(obj))
+            except ValueError as e:
+                if not skip_bad:
+                    raise ValueError(f"{path}:{n}: {e}") from None
+                bad += 1
+    return examples, bad
+
+
+def write_jsonl(path: str | os.PathLike, examples: list[dict]) -> None:
+    """Write atomically: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
