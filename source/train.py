@@ -85,24 +85,39 @@ def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 8, t
     return best
 
 
+def cpu_has_bf16_units(cpuinfo: str | None = None) -> bool | None:
+    """Whether an x86 CPU lists AVX512-BF16 or AMX-BF16 in /proc/cpuinfo; None where there is no such
+    list to read (other systems, other architectures)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None or "sse2" not in flags:  # not an x86 flag list
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @functools.lru_cache(maxsize=1)
-def slow_cpu_bf16(size: int = 256, trials: int = 7) -> tuple[bool, float, float]:
+def slow_cpu_bf16(size: int = 256, trials: int = 9) -> tuple[bool, float, float]:
     """(is bf16 much slower than fp32 here?, bf16 GFLOP/s, fp32 GFLOP/s) for CPU matmuls. CPUs without
     AVX512-BF16/AMX emulate bf16: on such an AMD EPYC a 1024^2 bf16 matmul ran at ~1 GFLOP/s vs ~84 in
-    fp32, so bf16 autocast made a training step minutes long instead of seconds. Each speed is the best of
-    a few single-matmul trials (one 2 ms fp32 trial preempted on a busy CI machine read as 3 GFLOP/s and
-    flipped the answer), and the answer is cached, so every run in one process picks the same precision."""
-    speed = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(size, size, dtype=dtype)
+    fp32, so bf16 autocast made a training step minutes long instead of seconds. An x86 CPU without those
+    flags is slow, whatever the timing says: a timed probe alone once chose bf16 on such a CPU (145 s per
+    step), as load from other processes can slow a trial a hundredfold. Elsewhere the timing decides; the
+    dtypes take turns and each speed is its best trial. Cached: one process picks one precision."""
+    mats = {dtype: torch.randn(size, size, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(mats, float("inf"))
+    for a in mats.values():
         a @ a  # warm-up
-        best = float("inf")
-        for _ in range(trials):
+    for _ in range(trials):
+        for dtype, a in mats.items():
             t0 = time.perf_counter()
             a @ a
-            best = min(best, time.perf_counter() - t0)
-        speed[dtype] = 2 * size**3 / best / 1e9
-    return speed[torch.bfloat16] < 0.5 * speed[torch.float32], speed[torch.bfloat16], speed[torch.float32]
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    bf16, fp32 = (2 * size**3 / best[d] / 1e9 for d in (torch.bfloat16, torch.float32))
+    return cpu_has_bf16_units() is False or bf16 < 0.5 * fp32, bf16, fp32
 
 
 def budgeted_max_steps(cfg: TrainConfig, step: int, seconds_per_step: float, seconds_left: float) -> int:
@@ -193,8 +208,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    probe = None
     if train_cfg.precision == "bf16" and not torch.cuda.is_available():
         slow, bf16_gflops, fp32_gflops = slow_cpu_bf16()
+        probe = {"bf16_gflops": round(bf16_gflops, 2), "fp32_gflops": round(fp32_gflops, 2),
+                 "chose": "fp32" if slow else "bf16"}  # in run.json, so a surprising choice can be checked
         if slow:
             train_cfg = replace(train_cfg, precision="fp32")
             if os.environ.get("RANK", "0") == "0":
@@ -250,11 +268,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         run_info = {"kind": kind, "model": asdict(model_cfg), "train": asdict(train_cfg), "params": n_params,
                     "trainable_params": n_trainable, "lora_rank": lora_rank, "processes": world,
                     "device": str(accelerator.device), "tokenizer_sha256": tokenizer_sha256,
-                    "time_budget_s": time_budget_s, **(metadata or {})}
+                    "time_budget_s": time_budget_s, "cpu_precision_probe": probe, **(metadata or {})}
         atomic_write_bytes(out_dir / "run.json", json.dumps(run_info, indent=2).encode())
 
-    peak = measure_peak_flops(torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32,
-                              device=accelerator.device)
+    peak_dtype = torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
+    peak = measure_peak_flops(peak_dtype, device=accelerator.device)
     fpt = flops_per_token(model_cfg, n_params, train_cfg.seq_len)
     save_meta = dict(metadata or {}, params=sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name))
 
@@ -324,6 +342,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
             loss_val = accelerator.reduce(total, reduction="mean").item()
             dt = time.perf_counter() - window_t0
             tok_s = window_tokens / dt
+            if tok_s * fpt > peak:  # the peak was measured while other work shared the cores: measure again
+                peak = max(peak, measure_peak_flops(peak_dtype, device=accelerator.device))
             record = {"step": step, "loss": round(loss_val, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                       "tokens": tokens_seen, "tok_per_s": round(tok_s, 1), "mfu": round(tok_s * fpt / peak, 4),
                       "elapsed": round(elapsed, 2)}

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from builder.cli import main as builder_main
 from source.config import train_config
-from source.train import _accelerator, budgeted_max_steps, lr_at, slow_cpu_bf16
+from source.train import _accelerator, budgeted_max_steps, cpu_has_bf16_units, lr_at, slow_cpu_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,6 +62,7 @@ def test_pretrain_cli_learns_and_writes_checkpoint(tiny_workspace, tmp_path, mon
     slow_bf16 = slow_cpu_bf16()[0]
     assert run["train"]["precision"] == ("fp32" if slow_bf16 else "bf16")
     assert ("no fast bf16" in result.output) == slow_bf16
+    assert run["cpu_precision_probe"]["chose"] == run["train"]["precision"]
     assert run["train"]["max_steps"] == 60 and run["params"] < 1_000_000
 
 
@@ -72,6 +73,27 @@ def test_one_process_can_train_in_both_precisions_and_the_probe_is_stable():
     for precision in ("bf16", "fp32", "bf16"):
         acc = _accelerator(train_config("tiny", [f"precision={precision}"]))
         assert acc.mixed_precision == ("bf16" if precision == "bf16" else "no")
+
+
+def test_x86_cpu_flags_overrule_the_timed_bf16_probe():
+    x86 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx2 fma{}\nbogomips\t: 4000\n"
+    assert cpu_has_bf16_units(x86.format("")) is False
+    assert cpu_has_bf16_units(x86.format(" avx512f avx512_bf16")) is True
+    assert cpu_has_bf16_units(x86.format(" amx_tile amx_bf16")) is True
+    assert cpu_has_bf16_units("processor\t: 0\nFeatures\t: fp asimd bf16\n") is None  # arm64: time it
+    assert cpu_has_bf16_units("") is None
+    if cpu_has_bf16_units() is not False:
+        return
+    # this machine has no bf16 units: it must pick fp32 even while other processes load every core, which
+    # can slow one timed trial a hundredfold (v8's first run chose bf16 that way: 145 s per step)
+    hog = "import torch, time\nb = torch.randn(1024, 1024)\nt = time.time()\nwhile time.time() - t < 30: b @ b"
+    hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(3)]
+    try:
+        time.sleep(1)
+        assert all(slow_cpu_bf16.__wrapped__()[0] for _ in range(3))
+    finally:
+        for p in hogs:
+            p.kill()
 
 
 def test_budgeted_max_steps_fits_the_time_left_and_never_grows():
