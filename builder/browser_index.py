@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Iterable
 
 from source.files import atomic_write_bytes
-from source.retrieval import (KEY_ALIASES, MAX_QUERY_TERMS, SOURCE_ORDER, STOP_WORDS, TEXT_WEIGHT, TITLE_WEIGHT,
-                              Passage, title_candidates)
+from source.retrieval import (CONSTRUCT_WORDS, KEY_ALIASES, MAX_QUERY_TERMS, PYTHON_KEYWORDS, PYTHON_SOURCES,
+                              SOURCE_ORDER, STOP_WORDS, TEXT_WEIGHT, TITLE_WEIGHT, Passage, construct_keywords,
+                              title_candidates)
 
 FORMAT = "supermix-bm25-v1"
 K1, B = 1.2, 0.75
@@ -204,6 +205,8 @@ def write_browser_index(index_sqlite: Path, out_dir: Path, sources: tuple[str, .
             "sources": source_names, "origins": origin_names, "counts": counts,
             "stop_words": sorted(STOP_WORDS), "max_query_terms": MAX_QUERY_TERMS,
             "source_order": list(SOURCE_ORDER), "key_aliases": [list(a) for a in KEY_ALIASES],
+            "python_keywords": sorted(PYTHON_KEYWORDS), "construct_words": sorted(CONSTRUCT_WORDS),
+            "python_sources": list(PYTHON_SOURCES),
             "index_manifest_sha256": db_meta.get("manifest_sha256"), "max_chars": db_meta.get("max_chars")}
     meta_bytes = (json.dumps(meta, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
     atomic_write_bytes(out_dir / "meta.json", meta_bytes)
@@ -283,6 +286,10 @@ class BrowserIndex:
         for key in title_candidates(query):
             head, _, _ = self._shard(shard_of(key, self.meta["term_shards"]))
             exact += head["k"].get(key, [])
+        python = {i for i, name in enumerate(self.meta["sources"]) if name in PYTHON_SOURCES}
+        for key in construct_keywords(query):
+            head, _, _ = self._shard(shard_of(key, self.meta["term_shards"]))
+            exact += [d for d in head["k"].get(key, []) if self.source_of[d] in python]
         order = {name: i for i, name in enumerate(self.meta["source_order"])}
         best: dict[str, tuple[int, float]] = {}
         for doc in sorted(set(exact), key=lambda d: (-scores.get(d, 0.0), d)):

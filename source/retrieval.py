@@ -17,7 +17,10 @@ Design choices:
 - User queries never reach FTS5 syntax: word tokens are pulled out, stop words dropped (unless
   nothing else is left), each quoted and OR-ed. `json.dumps()`, `"`, `AND`, `*` and `-` are text.
 - Exact titles win: a query naming a title ("json.dumps", "define ephemeral" -> "ephemeral") also
-  runs a cheap B-tree lookup on a normalized title key ("json dumps"). The first passages of those
+  runs a cheap B-tree lookup on a normalized title key ("json dumps"). Python keywords are English
+  stop words, so a keyword right before a construct word ("the for statement", "a while loop",
+  "lambda expressions") is looked up too, among the Python sources' titles only: "for" is the pydoc
+  topic on the for statement, WordNet's "try" (to attempt) is not wanted. The first passages of those
   records come first, the best one per source in SOURCE_ORDER ("closure": FOLDOC's, then
   WordNet's), then the BM25 ranking.
 - Builds go to a temp file in the target folder and are `os.replace`d in: a failed build leaves
@@ -27,6 +30,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import keyword
 import os
 import re
 import sqlite3
@@ -54,6 +58,14 @@ some such than that the their them then there these they this those through to t
 us very was we were what when where which while who whom why will with would you your
 define definition defined meaning mean means explain describe tell show give example examples
 """.split())  # the last line: words that ask for a definition rather than name a topic
+
+# "for statement", "while loop", "lambda expression": the keyword names the topic (see title_candidates)
+PYTHON_KEYWORDS = frozenset(k.lower() for k in keyword.kwlist + keyword.softkwlist if k.isalpha())
+CONSTRUCT_WORDS = frozenset("""
+statement statements loop loops clause clauses keyword keywords expression expressions operator operators
+block blocks
+""".split())
+PYTHON_SOURCES = ("pydoc-topics", "docstrings", "python-docs")
 
 # Docstring titles name where a function lives; people name it as they import it.
 KEY_ALIASES = (("builtins ", ""), ("posixpath ", "os path "))
@@ -216,6 +228,14 @@ def title_candidates(query: str) -> list[str]:
     return [k for k in dict.fromkeys(keys) if k]
 
 
+def construct_keywords(query: str) -> list[str]:
+    """Python keywords the query names as a construct: "How does the for statement work?" -> ["for"].
+    They are title keys within PYTHON_SOURCES only."""
+    words = [w.lower() for w in _WORD.findall(query)]
+    found = [w for w, after in zip(words, words[1:]) if w in PYTHON_KEYWORDS and after in CONSTRUCT_WORDS]
+    return [k for k in dict.fromkeys(found) if k not in title_candidates(query)]
+
+
 class Index:
     """A read-only view of an index built by `build_index`; safe to share between threads."""
 
@@ -264,6 +284,10 @@ class Index:
         keys = title_candidates(query)
         exact = self._rows(f"SELECT rowid, source FROM passages WHERE title_key IN ({_marks(keys)}) "
                            f"AND chunk = 0{where} LIMIT 500", [*keys, *args])
+        if keywords := construct_keywords(query):
+            exact += self._rows(f"SELECT rowid, source FROM passages WHERE title_key IN ({_marks(keywords)}) "
+                                f"AND chunk = 0 AND source IN ({_marks(PYTHON_SOURCES)}){where} LIMIT 500",
+                                [*keywords, *PYTHON_SOURCES, *args])
         if exact:  # the best first passage per source, sources in SOURCE_ORDER
             source_of = dict(exact)
             best: dict[str, tuple[int, float]] = {}

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from builder.cli import main
 from source.corpus.build import build_corpus, iter_records
-from source.retrieval import Index, Passage, build_index, chunk_text, fts_query, title_candidates, title_key
+from source.retrieval import (Index, Passage, build_index, chunk_text, construct_keywords, fts_query, title_candidates,
+                              title_key)
 from source.tokenizer import format_context
 
 FROB = """The Frobnicator Manual
@@ -175,6 +176,32 @@ def test_define_finds_the_wordnet_entry(tiny_workspace, tmp_path):
     for t in titles:
         for q in (f"define {t}", f"What does '{t}' mean?"):
             assert title_key(ix.search(q)[0].title) == t, q
+
+
+def test_keywords_named_as_constructs_find_the_python_topic(tmp_path):
+    """"for", "while", "with" are stop words; "the for statement" still names the pydoc topic "for",
+    and a record of another source titled "while" is not pulled in by the keyword."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.jsonl").write_text(json.dumps({"title": "while", "text": "While the kettle boils, write the "
+                                                  "statement of accounts and loop the ribbon twice."}) + "\n")
+    (tmp_path / "recipe.json").write_text(json.dumps({"name": "t", "sources": [
+        {"name": "pydoc-topics", "license": "PSF-2.0"},
+        {"name": "docs", "reader": "user", "path": "docs", "license": "CC0-1.0"}]}))
+    build_corpus(tmp_path / "recipe.json", tmp_path / "corpus", val_fraction=0.1, progress=False)
+    build_index(tmp_path / "corpus", tmp_path / "ix.sqlite", progress=False)
+    ix = Index(tmp_path / "ix.sqlite")
+    assert construct_keywords("How does the for statement work in Python?") == ["for"]
+    assert construct_keywords("Is there a good name for a variable?") == []  # "for" + "a": not a construct
+    assert construct_keywords("for") == [] and construct_keywords("try statements, try blocks") == ["try"]
+    for kw, q in [("for", "How does the for statement work in Python?"), ("while", "How do I write a while loop?"),
+                  ("with", "What does the with statement do?"), ("lambda", "What is a lambda expression?"),
+                  ("try", "Explain try clauses."), ("return", "the return statement")]:
+        assert ix.search(q)[0].id == f"pydoc:topic:{kw}#0", q
+    # the user note titled "while" has the words too, and your own files come first among exact titles,
+    # but the keyword is looked up among Python titles only
+    assert ix.search("the while statement")[0].id == "pydoc:topic:while#0"
+    assert ix.search("while")[0].id == "user:notes.jsonl:1#0"  # named as a title, your own file comes first
 
 
 def test_fts_syntax_in_queries_never_raises(index_path):

@@ -46,6 +46,14 @@ export function titleCandidates(query, stopWords, limit, aliases) {
   return unique(keys).filter((k) => k);
 }
 
+/** source.retrieval.construct_keywords: Python keywords named as a construct ("the for statement" -> "for"),
+ * looked up among the Python sources' titles only. */
+export function constructKeywords(query, keywords, constructs, titleKeys) {
+  const ws = (query.toLowerCase().match(WORD) || []);
+  const found = ws.filter((w, i) => i + 1 < ws.length && keywords.has(w) && constructs.has(ws[i + 1]));
+  return unique(found).filter((k) => !titleKeys.includes(k));
+}
+
 /** FNV-1a 32-bit of the UTF-8 bytes modulo `shards` (builder.browser_index.shard_of). */
 export function shardOf(key, shards) {
   let h = 0x811c9dc5;
@@ -78,6 +86,8 @@ export class BrowserIndex {
     }
     this.sourceOf = new Uint8Array(raw, 4 * n, n);
     this.stopWords = new Set(this.meta.stop_words);
+    this.pythonKeywords = new Set(this.meta.python_keywords || []);  // older indexes lack them: no construct lookups
+    this.constructWords = new Set(this.meta.construct_words || []);
     return this;
   }
 
@@ -143,7 +153,11 @@ export class BrowserIndex {
     const m = this.meta;
     const keys = titleCandidates(query, this.stopWords, m.max_query_terms, m.key_aliases);
     const heads = await Promise.all(keys.map((key) => this.shard(shardOf(key, m.term_shards))));
-    const exact = unique(keys.flatMap((key, i) => heads[i].head.k[key] || []));
+    const constructs = constructKeywords(query, this.pythonKeywords, this.constructWords, keys);
+    const cheads = await Promise.all(constructs.map((key) => this.shard(shardOf(key, m.term_shards))));
+    const python = (d) => (m.python_sources || []).includes(m.sources[this.sourceOf[d]]);
+    const exact = unique([...keys.flatMap((key, i) => heads[i].head.k[key] || []),
+      ...constructs.flatMap((key, i) => (cheads[i].head.k[key] || []).filter(python))]);
     const byScore = (a, c) => (c[1] - a[1]) || (a[0] - c[0]);
     const best = new Map();  // source -> [doc, score]
     for (const [doc, s] of exact.map((d) => [d, scores.get(d) ?? 0]).sort(byScore)) {
