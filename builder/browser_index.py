@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterable
 
 from source.files import atomic_write_bytes
-from source.retrieval import (CONSTRUCT_WORDS, KEY_ALIASES, MAX_QUERY_TERMS, PYTHON_KEYWORDS, PYTHON_SOURCES,
+from source.retrieval import (CONSTRUCT_WORDS, CONTEXT_WORDS, KEY_ALIASES, MAX_QUERY_TERMS, PYTHON_KEYWORDS, PYTHON_SOURCES,
                               SOURCE_ORDER, STOP_WORDS, TEXT_WEIGHT, TITLE_WEIGHT, Passage, construct_keywords,
                               title_candidates)
 
@@ -206,7 +206,7 @@ def write_browser_index(index_sqlite: Path, out_dir: Path, sources: tuple[str, .
             "stop_words": sorted(STOP_WORDS), "max_query_terms": MAX_QUERY_TERMS,
             "source_order": list(SOURCE_ORDER), "key_aliases": [list(a) for a in KEY_ALIASES],
             "python_keywords": sorted(PYTHON_KEYWORDS), "construct_words": sorted(CONSTRUCT_WORDS),
-            "python_sources": list(PYTHON_SOURCES),
+            "python_sources": list(PYTHON_SOURCES), "context_words": sorted(CONTEXT_WORDS),
             "index_manifest_sha256": db_meta.get("manifest_sha256"), "max_chars": db_meta.get("max_chars")}
     meta_bytes = (json.dumps(meta, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
     atomic_write_bytes(out_dir / "meta.json", meta_bytes)

@@ -17,12 +17,13 @@ Design choices:
 - User queries never reach FTS5 syntax: word tokens are pulled out, stop words dropped (unless
   nothing else is left), each quoted and OR-ed. `json.dumps()`, `"`, `AND`, `*` and `-` are text.
 - Exact titles win: a query naming a title ("json.dumps", "define ephemeral" -> "ephemeral") also
-  runs a cheap B-tree lookup on a normalized title key ("json dumps"). Python keywords are English
-  stop words, so a keyword right before a construct word ("the for statement", "a while loop",
-  "lambda expressions") is looked up too, among the Python sources' titles only: "for" is the pydoc
-  topic on the for statement, WordNet's "try" (to attempt) is not wanted. The first passages of those
-  records come first, the best one per source in SOURCE_ORDER ("closure": FOLDOC's, then
-  WordNet's), then the BM25 ranking.
+  runs a cheap B-tree lookup on a normalized title key ("json dumps"), in either number and without
+  words that only set the scene ("What are regular expressions in Python?" -> "regular expression").
+  Python keywords are English stop words, so a keyword right before a construct word ("the for
+  statement", "a while loop", "lambda expressions") is looked up too, among the Python sources'
+  titles only: "for" is the pydoc topic on the for statement, WordNet's "try" (to attempt) is not
+  wanted. The first passages of those records come first, the best one per source in SOURCE_ORDER
+  ("closure": FOLDOC's, then WordNet's), then the BM25 ranking.
 - Builds go to a temp file in the target folder and are `os.replace`d in: a failed build leaves
   the old index as it was. `Index` opens the file read-only (`mode=ro` URI).
 """
@@ -66,6 +67,8 @@ statement statements loop loops clause clauses keyword keywords expression expre
 block blocks
 """.split())
 PYTHON_SOURCES = ("pydoc-topics", "docstrings", "python-docs")
+# "slicing in Python", "a closure in programming": the words set the scene, the title is "slicing"
+CONTEXT_WORDS = frozenset("python programming computing computer".split())
 
 # Docstring titles name where a function lives; people name it as they import it.
 KEY_ALIASES = (("builtins ", ""), ("posixpath ", "os path "))
@@ -222,9 +225,35 @@ def fts_query(query: str) -> str:
     return " OR ".join(f'"{w}"' for w in _terms(query))
 
 
+def other_number(word: str) -> str:
+    """The plural of a singular noun and the other way round, by spelling: "expressions" ->
+    "expression", "slicing" -> "slicings", "class" -> "classes", "library" -> "libraries"."""
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith(("sses", "xes", "ches", "shes")):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    if word.endswith("y") and len(word) > 2 and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 def title_candidates(query: str) -> list[str]:
-    """Title keys a query may name: its identifiers, and all of its non-stop words together."""
-    keys = [title_key(m) for m in _IDENT.findall(query)] + [title_key(" ".join(_terms(query)))]
+    """Title keys a query may name: its identifiers; all of its non-stop words together, and again
+    without CONTEXT_WORDS ("slicing in Python" -> "slicing"); each of those with its last word in the
+    other number ("regular expressions" -> "regular expression", "slicing" -> "slicings") unless it
+    is part of an identifier."""
+    terms = _terms(query)
+    topic = [w for w in terms if w not in CONTEXT_WORDS]
+    phrases = [terms] + ([topic] if topic and topic != terms else [])
+    idents = _IDENT.findall(query)
+    named = {w.lower() for m in idents for w in _WORD.findall(m)}  # json.dumps is not json.dump
+    keys = [title_key(m) for m in idents]
+    for words in phrases:
+        keys.append(title_key(" ".join(words)))
+        if words and words[-1] not in named:
+            keys.append(title_key(" ".join([*words[:-1], other_number(words[-1])])))
     return [k for k in dict.fromkeys(keys) if k]
 
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from builder.cli import main
 from source.corpus.build import build_corpus, iter_records
-from source.retrieval import (Index, Passage, build_index, chunk_text, construct_keywords, fts_query, title_candidates,
+from source.retrieval import (Index, Passage, build_index, chunk_text, construct_keywords, fts_query, other_number,
+                              title_candidates,
                               title_key)
 from source.tokenizer import format_context
 
@@ -204,6 +205,34 @@ def test_keywords_named_as_constructs_find_the_python_topic(tmp_path):
     assert ix.search("while")[0].id == "user:notes.jsonl:1#0"  # named as a title, your own file comes first
 
 
+def test_titles_match_in_either_number_and_without_context_words(tmp_path):
+    """"What is slicing in Python?" names the pydoc topic "slicings"; "regular expressions" names an
+    entry titled "regular expression". Without the exact-title variants, notes that repeat the query's
+    words in their titles rank first."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    notes = [{"title": "regular expression", "text": "A pattern that matches a set of strings."},
+             {"title": "Slicing Python bread and Python cheese", "text": "Slicing in Python kitchens."},
+             {"title": "Regular expressions of regular folk", "text": "Regular expressions, said regularly."}]
+    (docs / "notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes))
+    (tmp_path / "recipe.json").write_text(json.dumps({"name": "t", "sources": [
+        {"name": "pydoc-topics", "license": "PSF-2.0"},
+        {"name": "docs", "reader": "user", "path": "docs", "license": "CC0-1.0"}]}))
+    build_corpus(tmp_path / "recipe.json", tmp_path / "corpus", val_fraction=0.1, progress=False)
+    build_index(tmp_path / "corpus", tmp_path / "ix.sqlite", progress=False)
+    ix = Index(tmp_path / "ix.sqlite")
+    pairs = [("expressions", "expression"), ("slicing", "slicings"), ("class", "classes"),
+             ("library", "libraries"), ("box", "boxes"), ("key", "keys")]
+    for a, b in pairs:
+        assert other_number(a) == b and other_number(b) == a, (a, b)
+    assert title_candidates("What is slicing in Python?") == ["slicing python", "slicing pythons", "slicing",
+                                                             "slicings"]
+    assert title_candidates("What does json.dumps do?") == ["json dumps"]  # json.dump is another function
+    assert ix.search("What is slicing in Python?")[0].id == "pydoc:topic:slicings#0"
+    assert ix.search("What are regular expressions?")[0].id == "user:notes.jsonl:1#0"
+    assert ix.search("What are regular expressions in Python?")[0].id == "user:notes.jsonl:1#0"
+
+
 def test_fts_syntax_in_queries_never_raises(index_path):
     ix = Index(index_path)
     for q in NASTY:
@@ -213,7 +242,8 @@ def test_fts_syntax_in_queries_never_raises(index_path):
     assert fts_query('json.dumps() AND "x" -y*') == '"json" OR "dumps" OR "x" OR "y"'
     assert fts_query("What is the for statement?") == '"statement"' and fts_query("for") == '"for"'
     assert title_candidates("What does json.dumps() do?") == ["json dumps"]
-    assert title_candidates("define ephemeral") == ["ephemeral"] and title_candidates("with") == ["with"]
+    assert title_candidates("define ephemeral") == ["ephemeral", "ephemerals"]
+    assert title_candidates("with") == ["with", "withs"] and title_candidates("?!") == []
     assert ix.search('-frobnicate')[0].source == "docs"  # the minus is not NOT
 
 

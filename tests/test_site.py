@@ -26,7 +26,8 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
          "--disable-sync", "--no-first-run"]
 QUERIES = ["What is a closure?", "define ephemeral", "json.dumps", "the of and", "naïve Café", "list comprehension",
            "What does the word serendipity mean?", "__init__ method", "dogs and cats", "", "x", "日本語",
-           "How does the for statement work?", "What is a lambda expression?", "the while loop", "try statements"]
+           "How does the for statement work?", "What is a lambda expression?", "the while loop", "try statements",
+           "What is slicing in Python?", "What are closures in programming?", "regular expressions", "os.path.join()"]
 needs_npm = pytest.mark.skipif(not (REPO / "web_static/node_modules/@huggingface/transformers").is_dir(),
                                reason="run `npm ci --ignore-scripts` in web_static")
 
@@ -67,6 +68,7 @@ def test_browser_index_matches_js_and_fts(tiny_index, tmp_path):
     expected = [[{"id": p.id, "score": p.score} for p in py.search(q, 5)] for q in QUERIES]
     for kw in ("for", "lambda", "while", "try"):  # keywords named as constructs: the pydoc topic first
         assert next(e for q, e in zip(QUERIES, expected) if f"{kw} " in q)[0]["id"] == f"pydoc:topic:{kw}#0"
+    assert expected[QUERIES.index("What is slicing in Python?")][0]["id"] == "pydoc:topic:slicings#0"  # other number
     if NODE:
         run = subprocess.run([NODE, str(REPO / "tests/js/search.mjs"), str(tmp_path / "index"), "5"],
                              input=json.dumps(QUERIES), capture_output=True, text=True, timeout=60)

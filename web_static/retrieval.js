@@ -37,12 +37,32 @@ export function titleKey(title, aliases) {
   return key;
 }
 
-/** source.retrieval.title_candidates: the query's identifiers, then all its non-stop words together. */
-export function titleCandidates(query, stopWords, limit, aliases) {
+/** source.retrieval.other_number: "expressions" -> "expression", "slicing" -> "slicings", "class" -> "classes". */
+export function otherNumber(w) {
+  if (w.endsWith("ies") && w.length > 4) return w.slice(0, -3) + "y";
+  if (["sses", "xes", "ches", "shes"].some((s) => w.endsWith(s))) return w.slice(0, -2);
+  if (w.endsWith("s") && !["ss", "us", "is"].some((s) => w.endsWith(s))) return w.slice(0, -1);
+  if (w.endsWith("y") && w.length > 2 && !"aeiou".includes(w[w.length - 2])) return w.slice(0, -1) + "ies";
+  return w + (["s", "x", "ch", "sh"].some((s) => w.endsWith(s)) ? "es" : "s");
+}
+
+/** source.retrieval.title_candidates: the query's identifiers; all its non-stop words together, and again
+ * without the context words; each with its last word in the other number unless an identifier holds it. */
+export function titleCandidates(query, stopWords, limit, aliases, contextWords = new Set()) {
   const ws = (query.toLowerCase().match(WORD) || []);
   const plain = unique(ws.filter((w) => !stopWords.has(w)).length ? ws.filter((w) => !stopWords.has(w)) : ws)
     .slice(0, limit);
-  const keys = [...(query.match(IDENT) || []).map((m) => titleKey(m, aliases)), titleKey(plain.join(" "), aliases)];
+  const topic = plain.filter((w) => !contextWords.has(w));
+  const phrases = [plain, ...(topic.length && topic.length !== plain.length ? [topic] : [])];
+  const idents = query.match(IDENT) || [];
+  const named = new Set(idents.flatMap((m) => m.toLowerCase().match(WORD) || []));
+  const keys = idents.map((m) => titleKey(m, aliases));
+  for (const p of phrases) {
+    keys.push(titleKey(p.join(" "), aliases));
+    if (p.length && !named.has(p[p.length - 1])) {
+      keys.push(titleKey([...p.slice(0, -1), otherNumber(p[p.length - 1])].join(" "), aliases));
+    }
+  }
   return unique(keys).filter((k) => k);
 }
 
@@ -88,6 +108,7 @@ export class BrowserIndex {
     this.stopWords = new Set(this.meta.stop_words);
     this.pythonKeywords = new Set(this.meta.python_keywords || []);  // older indexes lack them: no construct lookups
     this.constructWords = new Set(this.meta.construct_words || []);
+    this.contextWords = new Set(this.meta.context_words || []);
     return this;
   }
 
@@ -151,7 +172,7 @@ export class BrowserIndex {
     const scores = await this.scores(query);
     if (!scores.size || k <= 0) return [];
     const m = this.meta;
-    const keys = titleCandidates(query, this.stopWords, m.max_query_terms, m.key_aliases);
+    const keys = titleCandidates(query, this.stopWords, m.max_query_terms, m.key_aliases, this.contextWords);
     const heads = await Promise.all(keys.map((key) => this.shard(shardOf(key, m.term_shards))));
     const constructs = constructKeywords(query, this.pythonKeywords, this.constructWords, keys);
     const cheads = await Promise.all(constructs.map((key) => this.shard(shardOf(key, m.term_shards))));
