@@ -49,9 +49,13 @@ def eval_(model_spec: str, tokenizer_dir: Path | None, data_dir: Path, sft_dir: 
     from source.tokenizer import Tokenizer
 
     try:
-        pth, model_tok = resolve_model(model_spec, root)
+        if tokenizer_dir is not None and Path(model_spec).exists():  # an explicit pair needs no default tokenizer
+            pth = Path(model_spec) / "model.pth" if Path(model_spec).is_dir() else Path(model_spec)
+        else:
+            pth, model_tok = resolve_model(model_spec, root)
+            tokenizer_dir = tokenizer_dir or model_tok
         version_id = registry_version(pth, root)
-        tok = Tokenizer.load(tokenizer_dir or model_tok)
+        tok = Tokenizer.load(tokenizer_dir)
         model, ckpt = load_model(pth)
         if ckpt["tokenizer"] != tok.sha256:
             raise ValueError(f"{pth} was trained with tokenizer {ckpt['tokenizer'][:12]}, not {tok.sha256[:12]}")

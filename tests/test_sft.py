@@ -156,3 +156,10 @@ def test_eval_report_and_registry_metrics(tiny_workspace, tiny_base, sft_dir, tm
     assert len(report["samples"]) == 5 and all(isinstance(s["answer"], str) for s in report["samples"])
     info = json.loads((root / "registry.json").read_text())
     assert info["versions"][0]["metrics"]["val_bpb"] == pytest.approx(report["val_bpb"])
+    # a run's .pth with no tokenizer beside it and no runs/tokenizer: --tokenizer is enough
+    r = runner.invoke(builder_main, ["eval", "--model", str(tiny_base), "--tokenizer", str(tiny_workspace["tokenizer"]),
+                                     "--root", str(root), "--data", str(tiny_workspace["data"]), "--sft-data",
+                                     str(sft_dir), "--index", str(tmp_path / "none.sqlite"), "--limit", "4",
+                                     "--out", str(tmp_path / "eval-path.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "eval-path.json").read_text())["val_bpb"] == pytest.approx(report["val_bpb"])
