@@ -283,11 +283,12 @@ class BrowserIndex:
             return []
         ranked: list[tuple[int, float]] = []
         exact: list[int] = []
-        for key in title_candidates(query):
+        keys = title_candidates(query)
+        for key in keys:
             head, _, _ = self._shard(shard_of(key, self.meta["term_shards"]))
             exact += head["k"].get(key, [])
         python = {i for i, name in enumerate(self.meta["sources"]) if name in PYTHON_SOURCES}
-        for key in construct_keywords(query):
+        for key in construct_keywords(query, keys):
             head, _, _ = self._shard(shard_of(key, self.meta["term_shards"]))
             exact += [d for d in head["k"].get(key, []) if self.source_of[d] in python]
         order = {name: i for i, name in enumerate(self.meta["source_order"])}

@@ -49,11 +49,7 @@ def eval_(model_spec: str, tokenizer_dir: Path | None, data_dir: Path, sft_dir: 
     from source.tokenizer import Tokenizer
 
     try:
-        if tokenizer_dir is not None and Path(model_spec).exists():  # an explicit pair needs no default tokenizer
-            pth = Path(model_spec) / "model.pth" if Path(model_spec).is_dir() else Path(model_spec)
-        else:
-            pth, model_tok = resolve_model(model_spec, root)
-            tokenizer_dir = tokenizer_dir or model_tok
+        pth, tokenizer_dir = resolve_model(model_spec, root, tokenizer_dir)
         version_id = registry_version(pth, root)
         tok = Tokenizer.load(tokenizer_dir)
         model, ckpt = load_model(pth)

@@ -84,9 +84,11 @@ def default_tokenizer_dir(model_path: str | Path) -> Path:
                             "tokenizer.model; pass the tokenizer folder the model was trained with (--tokenizer DIR)")
 
 
-def resolve_model(spec: str | None, models_root: str | Path = "models") -> tuple[Path, Path]:
+def resolve_model(spec: str | None, models_root: str | Path = "models",
+                  tokenizer_dir: str | Path | None = None) -> tuple[Path, Path]:
     """(model.pth, tokenizer dir) for None (the registry's champion), a registry reference ("v3",
-    "3", "champion", "latest") or a path to a .pth (or to a folder holding model.pth)."""
+    "3", "champion", "latest") or a path to a .pth (or to a folder holding model.pth). `tokenizer_dir`,
+    when given, is the tokenizer: a path then needs none beside it or in runs/."""
     from source.registry import Registry  # light: no torch import
 
     registry = Registry(models_root)
@@ -105,14 +107,14 @@ def resolve_model(spec: str | None, models_root: str | Path = "models") -> tuple
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing although {registry.path} lists {version.id}; "
                                         f"check it with `builder models info {version.id}`")
-        return model, tokenizer
+        return model, Path(tokenizer_dir) if tokenizer_dir is not None else tokenizer
     path = Path(ref)
     if path.is_dir():
         path = path / "model.pth"
     if not path.is_file():
         raise FileNotFoundError(f"model {ref!r} not found: pass a .pth file or a registry version "
                                 "(v3, champion, latest)")
-    return path, default_tokenizer_dir(path)
+    return path, Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir(path)
 
 
 def pick_device(device: str) -> torch.device:

@@ -41,13 +41,7 @@ def load_runtime(model: str | None, tokenizer: Path | None, index_path: Path | N
         if backend_kind == "onnx":
             backend = _onnx_backend(model, device, dtype)
         else:
-            if tokenizer is not None and model is not None and Path(model).exists():
-                model_path = Path(model) / "model.pth" if Path(model).is_dir() else Path(model)
-                tok_dir = tokenizer  # an explicit pair needs no registry
-            else:
-                model_path, tok_dir = resolve_model(model)
-                tok_dir = tokenizer or tok_dir
-            backend = TorchBackend.load(model_path, tok_dir, device=device, dtype=dtype)
+            backend = TorchBackend.load(*resolve_model(model, tokenizer_dir=tokenizer), device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     index, note = None, None

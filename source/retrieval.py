@@ -257,12 +257,14 @@ def title_candidates(query: str) -> list[str]:
     return [k for k in dict.fromkeys(keys) if k]
 
 
-def construct_keywords(query: str) -> list[str]:
+def construct_keywords(query: str, title_keys: list[str] | None = None) -> list[str]:
     """Python keywords the query names as a construct: "How does the for statement work?" -> ["for"].
-    They are title keys within PYTHON_SOURCES only."""
+    They are title keys within PYTHON_SOURCES only; those already among `title_keys` (default: the
+    query's `title_candidates`) are left out."""
     words = [w.lower() for w in _WORD.findall(query)]
     found = [w for w, after in zip(words, words[1:]) if w in PYTHON_KEYWORDS and after in CONSTRUCT_WORDS]
-    return [k for k in dict.fromkeys(found) if k not in title_candidates(query)]
+    taken = title_candidates(query) if title_keys is None else title_keys
+    return [k for k in dict.fromkeys(found) if k not in taken]
 
 
 class Index:
@@ -313,7 +315,7 @@ class Index:
         keys = title_candidates(query)
         exact = self._rows(f"SELECT rowid, source FROM passages WHERE title_key IN ({_marks(keys)}) "
                            f"AND chunk = 0{where} LIMIT 500", [*keys, *args])
-        if keywords := construct_keywords(query):
+        if keywords := construct_keywords(query, keys):
             exact += self._rows(f"SELECT rowid, source FROM passages WHERE title_key IN ({_marks(keywords)}) "
                                 f"AND chunk = 0 AND source IN ({_marks(PYTHON_SOURCES)}){where} LIMIT 500",
                                 [*keywords, *PYTHON_SOURCES, *args])

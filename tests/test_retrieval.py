@@ -15,8 +15,7 @@ from click.testing import CliRunner
 from builder.cli import main
 from source.corpus.build import build_corpus, iter_records
 from source.retrieval import (Index, Passage, build_index, chunk_text, construct_keywords, fts_query, other_number,
-                              title_candidates,
-                              title_key)
+                              title_candidates, title_key)
 from source.tokenizer import format_context
 
 FROB = """The Frobnicator Manual
@@ -179,19 +178,25 @@ def test_define_finds_the_wordnet_entry(tiny_workspace, tmp_path):
             assert title_key(ix.search(q)[0].title) == t, q
 
 
-def test_keywords_named_as_constructs_find_the_python_topic(tmp_path):
-    """"for", "while", "with" are stop words; "the for statement" still names the pydoc topic "for",
-    and a record of another source titled "while" is not pulled in by the keyword."""
+def pydoc_topics_and_notes_index(tmp_path: Path, notes: list[dict]) -> Index:
+    """A real index of every pydoc topic plus `notes` as the user file docs/notes.jsonl (line n is
+    record user:notes.jsonl:n)."""
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "notes.jsonl").write_text(json.dumps({"title": "while", "text": "While the kettle boils, write the "
-                                                  "statement of accounts and loop the ribbon twice."}) + "\n")
+    (docs / "notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes))
     (tmp_path / "recipe.json").write_text(json.dumps({"name": "t", "sources": [
         {"name": "pydoc-topics", "license": "PSF-2.0"},
         {"name": "docs", "reader": "user", "path": "docs", "license": "CC0-1.0"}]}))
     build_corpus(tmp_path / "recipe.json", tmp_path / "corpus", val_fraction=0.1, progress=False)
     build_index(tmp_path / "corpus", tmp_path / "ix.sqlite", progress=False)
-    ix = Index(tmp_path / "ix.sqlite")
+    return Index(tmp_path / "ix.sqlite")
+
+
+def test_keywords_named_as_constructs_find_the_python_topic(tmp_path):
+    """"for", "while", "with" are stop words; "the for statement" still names the pydoc topic "for",
+    and a record of another source titled "while" is not pulled in by the keyword."""
+    ix = pydoc_topics_and_notes_index(tmp_path, [{"title": "while", "text": "While the kettle boils, write the "
+                                                   "statement of accounts and loop the ribbon twice."}])
     assert construct_keywords("How does the for statement work in Python?") == ["for"]
     assert construct_keywords("Is there a good name for a variable?") == []  # "for" + "a": not a construct
     assert construct_keywords("for") == [] and construct_keywords("try statements, try blocks") == ["try"]
@@ -209,18 +214,10 @@ def test_titles_match_in_either_number_and_without_context_words(tmp_path):
     """"What is slicing in Python?" names the pydoc topic "slicings"; "regular expressions" names an
     entry titled "regular expression". Without the exact-title variants, notes that repeat the query's
     words in their titles rank first."""
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    notes = [{"title": "regular expression", "text": "A pattern that matches a set of strings."},
-             {"title": "Slicing Python bread and Python cheese", "text": "Slicing in Python kitchens."},
-             {"title": "Regular expressions of regular folk", "text": "Regular expressions, said regularly."}]
-    (docs / "notes.jsonl").write_text("".join(json.dumps(n) + "\n" for n in notes))
-    (tmp_path / "recipe.json").write_text(json.dumps({"name": "t", "sources": [
-        {"name": "pydoc-topics", "license": "PSF-2.0"},
-        {"name": "docs", "reader": "user", "path": "docs", "license": "CC0-1.0"}]}))
-    build_corpus(tmp_path / "recipe.json", tmp_path / "corpus", val_fraction=0.1, progress=False)
-    build_index(tmp_path / "corpus", tmp_path / "ix.sqlite", progress=False)
-    ix = Index(tmp_path / "ix.sqlite")
+    ix = pydoc_topics_and_notes_index(tmp_path, [
+        {"title": "regular expression", "text": "A pattern that matches a set of strings."},
+        {"title": "Slicing Python bread and Python cheese", "text": "Slicing in Python kitchens."},
+        {"title": "Regular expressions of regular folk", "text": "Regular expressions, said regularly."}])
     pairs = [("expressions", "expression"), ("slicing", "slicings"), ("class", "classes"),
              ("library", "libraries"), ("box", "boxes"), ("key", "keys")]
     for a, b in pairs:

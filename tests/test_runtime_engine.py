@@ -343,6 +343,9 @@ def test_resolve_model_with_a_registry(tiny_base, tiny_workspace, tmp_path, monk
         resolve_model("nope/model.pth", root)
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         resolve_model(str(tiny_base), root)
+    tok = Path(tiny_workspace["tokenizer"])  # given, the tokenizer need not lie beside the .pth
+    assert resolve_model(str(tiny_base), root, tok) == (Path(tiny_base), tok)
+    assert resolve_model("v1", root, tok) == (v1[0], tok)
     b = TorchBackend.load(*resolve_model(None, root))
     assert b.name == "v1" and b.tokenizer.sha256 == Tokenizer.load(tiny_workspace["tokenizer"]).sha256
     assert Path(resolve_model(None, root)[0]).is_file()
