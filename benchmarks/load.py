@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="use this running server instead of starting one")
     p.add_argument("--model", help="registry version or model.pth [default: the champion]")
     p.add_argument("--tokenizer", help="tokenizer folder for a model.pth outside the registry")
-    p.add_argument("--index", help="retrieval index [default: datasets/built/index.sqlite]")
+    p.add_argument("--index", help="retrieval index [default: datasets/built/index]")
     p.add_argument("--no-retrieval", action="store_true")
     args = p.parse_args(argv)
     if not (1 <= args.clients <= 256 and 0 < args.seconds <= 600):

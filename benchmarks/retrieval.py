@@ -1,6 +1,6 @@
 """Retrieval quality: our `Index.search` vs plain FTS5 BM25 on the same SQLite index, side by side.
 
-    python benchmarks/retrieval.py [--index datasets/built/index.sqlite] [--test datasets/built/sft/test.jsonl]
+    python benchmarks/retrieval.py [--index datasets/built/index] [--test datasets/built/sft/test.jsonl]
                                    [--browser dist/export/index] [--k 3]
 
 Two question sets:
@@ -119,7 +119,7 @@ def held_out(path: Path) -> list[tuple[str, list[str]]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--index", type=Path, default=Path("datasets/built/index.sqlite"))
+    ap.add_argument("--index", type=Path, default=Path("datasets/built/index"))
     ap.add_argument("--test", type=Path, default=Path("datasets/built/sft/test.jsonl"))
     ap.add_argument("--browser", type=Path, default=Path("dist/export/index"))
     ap.add_argument("--k", type=int, default=3)

@@ -23,7 +23,7 @@ def registry_version(model_path: Path, root: Path) -> str | None:
               help="Corpus folder (its val split gives bits-per-byte).")
 @click.option("--sft-data", "sft_dir", default="datasets/built/sft", show_default=True, type=click.Path(path_type=Path),
               help="SFT folder whose test.jsonl gives the grounded-QA and refusal items.")
-@click.option("--index", "index_path", default="datasets/built/index.sqlite", show_default=True,
+@click.option("--index", "index_path", default="datasets/built/index", show_default=True,
               type=click.Path(path_type=Path), help="Retrieval index for the sample conversations.")
 @click.option("--limit", default=200, show_default=True, help="Grounded-QA items to score.")
 @click.option("--out", "out_path", default=None, type=click.Path(path_type=Path),

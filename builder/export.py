@@ -252,9 +252,7 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
     if q4:
         stage("onnx q4", quantize_q4, partial / "onnx" / "model.onnx", partial / "onnx" / "model_q4.onnx")
     if index_path is not None:
-        from builder.browser_index import write_browser_index
-
-        stage("browser index", write_browser_index, Path(index_path), partial / "index")
+        stage("retrieval index", shutil.copytree, Path(index_path), partial / "index")
     t0 = time.perf_counter()
     gates, speed, quality = run_gates(model, tokenizer, partial, token_dir=token_dir, log=log)
     timings["gates"] = round(time.perf_counter() - t0, 2)

@@ -1,4 +1,4 @@
-"""`builder export`: HF folder + ONNX (KV cache) + int8/q4 + browser index + manifest, behind gates."""
+"""`builder export`: HF folder + ONNX (KV cache) + int8/q4 + retrieval index + manifest, behind gates."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def gate_table(gates: list[dict]) -> str:
 @click.option("--out", "out_dir", default=Path("dist/export"), show_default=True, type=click.Path(path_type=Path),
               help="Export folder (replaced only when every gate passes).")
 @click.option("--q4", is_flag=True, help="Also write onnx/model_q4.onnx (4-bit MatMulNBits), reported, not gated.")
-@click.option("--index", "index_path", default=Path("datasets/built/index.sqlite"), show_default=True,
+@click.option("--index", "index_path", default=Path("datasets/built/index"), show_default=True,
               type=click.Path(path_type=Path), help="Retrieval index to convert for the browser (skipped if missing).")
 @click.option("--no-index", is_flag=True, help="Do not write the browser retrieval index.")
 @click.option("--data", "data_dir", default=Path("datasets/built/default"), show_default=True,
@@ -51,7 +51,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
       config.json, generation_config.json, model.safetensors, tokenizer files
       onnx/model.onnx (fp32, KV cache), onnx/model_quantized.onnx (int8), onnx/model_q4.onnx (--q4),
       onnx/model_gqa_quantized.onnx (contrib-op graph, int8; --no-native skips it)
-      index/ (browser BM25 index), manifest.json (files, sha256, gates, speed)
+      index/ (the retrieval index, as the site serves it), manifest.json (files, sha256, gates, speed)
     Gates: ONNX fp32 greedy == PyTorch; int8 bits/byte within 1% and <= 30% of the bytes; the HF folder
     loads in transformers with the same logits; optimum's ORTModelForCausalLM generates our tokens.
 
@@ -79,9 +79,9 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
         version = registry_version(pth, root)
         metrics = Registry(root).get(version).metrics if version else {}
         token_dir = default_token_dir(data_dir, Tokenizer.load(tok_dir))
-        index = None if no_index or not index_path.is_file() else index_path
+        index = None if no_index or not (index_path / "meta.json").is_file() else index_path
         if index is None and not no_index:
-            click.echo(f"export: {index_path} not found, no browser index (build it with `builder index build`)")
+            click.echo(f"export: {index_path} not found, no retrieval index in the export (build it with `builder index build`)")
         manifest = export_model(pth, tok_dir, out_dir, index_path=index, q4=q4, token_dir=token_dir,
                                 version=version, metrics=metrics, graph=graph, native=native, log=click.echo)
     except (GateError, FileNotFoundError, ValueError) as exc:

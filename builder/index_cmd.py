@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
 import click
 
 DEFAULT_DATA = Path("datasets/built/default")
-DEFAULT_INDEX = Path("datasets/built/index.sqlite")
+DEFAULT_INDEX = Path("datasets/built/index")
 
 
 @click.group()
 def index() -> None:
-    """Build and query the retrieval index (SQLite FTS5) that grounds answers with citations."""
+    """Build and query the retrieval index (BM25, static files the site serves too) that grounds answers."""
 
 
 @index.command()
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_DATA,
               show_default=True, help="Built corpus folder (train-*.parquet, val-*.parquet, manifest.json).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_INDEX,
-              show_default=True, help="The SQLite index file to write (replaced atomically).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_INDEX,
+              show_default=True, help="The index folder to write (swapped in whole when complete).")
 @click.option("--sources", default=None, metavar="A,B",
               help="Comma-separated sources to index [default: all but chitchat].")
 @click.option("--max-chars", type=click.IntRange(min=50), default=600, show_default=True,
@@ -32,11 +31,11 @@ def build(data_dir: Path, out: Path, sources: str | None, max_chars: int, quiet:
 
     \b
     Examples:
-      builder index build                                  # datasets/built/default -> index.sqlite
-      builder index build --sources docstrings,python-docs --out /tmp/py.sqlite
+      builder index build                                  # datasets/built/default -> datasets/built/index/
+      builder index build --sources docstrings,python-docs --out /tmp/py-index
       builder index build --max-chars 400
     """
-    from source.retrieval import build_index  # imported here so `builder --help` stays fast
+    from source.retrieval_build import build_index  # imported here so `builder --help` stays fast
 
     wanted = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources is not None else None
     if wanted == ():
@@ -45,7 +44,7 @@ def build(data_dir: Path, out: Path, sources: str | None, max_chars: int, quiet:
         stats = build_index(data_dir, out, sources=wanted, max_chars=max_chars, progress=not quiet)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    except (OSError, sqlite3.Error) as e:
+    except OSError as e:
         raise click.ClickException(f"cannot write {out}: {e}") from None
     rows = [("source", "passages"), *((s, str(n)) for s, n in stats["counts"].items()),
             ("total", str(stats["passages"]))]
@@ -58,12 +57,12 @@ def build(data_dir: Path, out: Path, sources: str | None, max_chars: int, quiet:
         if missing := [s for s in wanted if s not in stats["counts"]]:
             click.echo(f"note: no records from {', '.join(missing)} in {data_dir}", err=True)
     click.echo(f"{stats['records']} records -> {stats['passages']} passages (max {max_chars} chars); "
-               f"wrote {out} ({stats['bytes'] / 1e6:.1f} MB) in {stats['seconds']:.1f}s")
+               f"wrote {out}/ ({stats['bytes']['total'] / 1e6:.1f} MB) in {stats['seconds']:.1f}s")
 
 
 @index.command()
 @click.argument("query")
-@click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_INDEX,
+@click.option("--index", "index_path", type=click.Path(path_type=Path), default=DEFAULT_INDEX,
               show_default=True, help="The index built by `builder index build`.")
 @click.option("-k", type=click.IntRange(min=1), default=3, show_default=True, help="How many passages.")
 @click.option("--sources", default=None, metavar="A,B", help="Only these comma-separated sources.")

@@ -48,7 +48,7 @@ PROFILES = {
 }
 LOCK = "release.lock.json"  # inside the profile's registry folder
 DIST = Path("dist")
-DATA, INDEX = Path("datasets/built/default"), Path("datasets/built/index.sqlite")
+DATA, INDEX = Path("datasets/built/default"), Path("datasets/built/index")
 RECIPE = Path("datasets/recipes/default.json")
 
 
@@ -212,7 +212,7 @@ STAGES = [
           lambda r: [r.base / "model.pth"],
           lambda r: r.cli(_train_args(r, "pretrain", r.base, r.p.pretrain_steps, "--data", str(DATA), "--no-samples")),
           training=True),
-    Stage("index", lambda r: [DATA / "manifest.json"], lambda r: [INDEX],
+    Stage("index", lambda r: [DATA / "manifest.json"], lambda r: [INDEX / "meta.json"],
           lambda r: r.cli(["index", "build", "--data", str(DATA), "--out", str(INDEX), "--quiet"])),
     Stage("sft-data", lambda r: [INDEX, r.tokenizer / "tokenizer.model", r.p.sft_examples],
           lambda r: [r.sft_data / "train.jsonl"], _sft_data, training=True),

@@ -11,8 +11,8 @@ import click
 @click.command("sft-data")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("datasets/built/default"), show_default=True, help="Built corpus (builder data build).")
-@click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("datasets/built/index.sqlite"), show_default=True,
+@click.option("--index", "index_path", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("datasets/built/index"), show_default=True,
               help="Retrieval index of that corpus (builder index build).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("datasets/built/sft"), show_default=True,
@@ -61,7 +61,7 @@ def sft_data(data_dir: Path, index_path: Path, out_dir: Path, add: tuple[Path, .
 
     if not (data_dir / "manifest.json").is_file() or not any(data_dir.glob("train-*.parquet")):
         raise click.ClickException(f"no built corpus in {data_dir}: run `builder data build` first")
-    if not index_path.is_file():
+    if not (index_path / "meta.json").is_file():
         raise click.ClickException(f"retrieval index {index_path} not found: run `builder index build` first")
     if bool(helper_url) != bool(helper_model):
         raise click.ClickException("--helper-url and --helper-model go together")

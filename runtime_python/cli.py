@@ -6,7 +6,7 @@
 
 Design choices:
 - The three verbs share one set of model options (`_model_options`) and one loader (`load_runtime`):
-  the model defaults to the registry champion, the index to datasets/built/index.sqlite; a missing
+  the model defaults to the registry champion, the index to datasets/built/index; a missing
   index turns retrieval off with a one-line note instead of failing.
 - Heavy imports (torch, FastAPI) happen inside the commands, so `supermix --help` stays instant.
 - User mistakes (no champion, bad path, bad temperature) are `click.ClickException`s: one line, no
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import click
 
-DEFAULT_INDEX = Path("datasets/built/index.sqlite")
+DEFAULT_INDEX = Path("datasets/built/index")
 DEFAULT_EXPORT = Path("dist/export")
 
 
@@ -49,7 +49,7 @@ def load_runtime(model: str | None, tokenizer: Path | None, index_path: Path | N
         note = None
     else:
         path = index_path or DEFAULT_INDEX
-        if path.is_file():
+        if path.exists():
             from source.retrieval import Index
             try:
                 index = Index(path)
@@ -98,7 +98,7 @@ def _model_options(f: Callable) -> Callable:
                      help="Registry version (v3, champion, latest) or a model.pth [default: the champion]."),
         click.option("--tokenizer", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Tokenizer folder, for a model.pth outside the registry."),
-        click.option("--index", "index_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        click.option("--index", "index_path", type=click.Path(path_type=Path), default=None,
                      help=f"Retrieval index [default: {DEFAULT_INDEX} when it exists]."),
         click.option("--no-retrieval", is_flag=True, help="Answer without looking anything up."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps or auto."),

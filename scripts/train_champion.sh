@@ -20,7 +20,7 @@ SFT=runs/sft-small
 
 [ -f datasets/built/default/manifest.json ] || builder data build
 [ -f runs/tokenizer/tokenizer.model ] || builder tokenizer train
-[ -f datasets/built/index.sqlite ] || builder index build
+[ -f datasets/built/index ] || builder index build
 [ -f datasets/built/sft/train.jsonl ] || builder sft-data
 
 resume() { [ -f "$1/train_state.pt" ] && echo --resume || true; }
