@@ -3,7 +3,7 @@
     python benchmarks/browser.py --export dist/export [--dtype q8,fp32] [--new-tokens 128]
 
 Builds the site from the export (`builder site`) into a temporary folder, serves it with
-`python -m http.server` on 127.0.0.1 and drives /usr/bin/chromium (DESIGN §2 flags) with playwright.
+`python -m http.server` on 127.0.0.1 and drives /usr/bin/chromium (flags: docs/pages/decisions.md) with playwright.
 Per dtype, in a fresh browser context (empty cache):
 - first load: page open -> model ready (downloads the wasm, the model and the index start, compiles)
 - cached load: a reload in the same context -> ready again (everything from the Cache API)

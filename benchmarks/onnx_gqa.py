@@ -6,9 +6,8 @@ onnxruntime's GroupQueryAttention), each in fp32 and in the export's int8.
 
 Rows (one thread, interleaved repeats, median): tokens/s over prefill + `--new-tokens` greedy tokens
 with a plain `session.run` loop (numpy in and out, the same for every row; the runtime's OnnxBackend
-binds the KV cache through IOBinding instead, which measured slower at short contexts and faster after
-a ~500-token prompt), nodes in the file, and how many greedy tokens
-equal PyTorch's (fp32 must match all; int8 drifts by design).
+binds the KV cache through IOBinding instead), nodes in the file, and how many greedy tokens equal
+PyTorch's (fp32 must match all; int8 drifts by design).
 """
 
 from __future__ import annotations

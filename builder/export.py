@@ -1,7 +1,7 @@
 """Export a checkpoint for other runtimes: an HF folder (transformers / transformers.js layout), ONNX
 with a KV cache, int8 (and optional q4) ONNX, the browser retrieval index and a manifest.
 
-Design choices (DESIGN §2 records the measurements behind them):
+Design choices (docs/pages/decisions.md and docs/pages/export.md give the reasons behind them):
 - Two ONNX graphs. The portable one (`graph="torch"`, the files transformers.js, optimum and the site
   load) is `OnnxForward`, a KV-cache forward written for export over the model's own modules (explicit
   past K/V in, present K/V out, HF/optimum IO names, attention as plain matmuls with an additive mask

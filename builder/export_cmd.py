@@ -47,7 +47,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
     """Export a model for transformers, transformers.js, onnxruntime and optimum, and check it.
 
     \b
-    Writes (DESIGN §2 layout):
+    Writes (the Hugging Face / transformers.js layout, docs/pages/export.md):
       config.json, generation_config.json, model.safetensors, tokenizer files
       onnx/model.onnx (fp32, KV cache), onnx/model_quantized.onnx (int8), onnx/model_q4.onnx (--q4),
       onnx/model_gqa_quantized.onnx (contrib-op graph, int8; --no-native skips it)

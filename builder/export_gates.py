@@ -2,9 +2,9 @@
 
 A gate is {"name", "passed" (True/False/None = skipped), "required", "value", "threshold", "detail"}.
 Required gates that fail stop the export (`GateError`); the others are reported (q4, int8 greedy
-agreement, whose target the issue states as a report). Prompts are real chat prompts built by the
-runtime's own `build_prompt` (system prompt, a numbered context passage, the question), so the gates
-exercise exactly what `supermix` and the site send.
+agreement, whose target the issue states as a report). Prompts are real chat prompts built by
+`source.prompt.build_prompt`, the one prompt builder (system prompt, a numbered context passage, the
+question), so the gates exercise exactly what `supermix` and the site send.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime_python.chat import build_prompt
 from runtime_python.onnx_backend import OnnxBackend
 from source.evaluate import SAMPLE_PROMPTS
 from source.model import Transformer
+from source.prompt import build_prompt
 from source.sft_data import DEFAULT_SYSTEM_PROMPT
 from source.tokenizer import Tokenizer
 
@@ -49,9 +49,8 @@ def gate_prompts(tokenizer: Tokenizer, max_seq_len: int) -> list[list[int]]:
     prompts = []
     for i, question in enumerate(SAMPLE_PROMPTS):
         passages = [CONTEXT] if i % 2 == 0 else []
-        ids, _ = build_prompt(tokenizer, [{"role": "user", "content": question}], passages, DEFAULT_SYSTEM_PROMPT,
-                              GREEDY_TOKENS, max_seq_len)
-        prompts.append(ids)
+        prompts.append(build_prompt(tokenizer, [{"role": "user", "content": question}], passages,
+                                    DEFAULT_SYSTEM_PROMPT, GREEDY_TOKENS, max_seq_len).ids)
     return prompts
 
 

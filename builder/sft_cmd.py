@@ -9,12 +9,13 @@ import click
 
 
 def answer(model, tokenizer, example: dict, max_new_tokens: int = 80) -> str:
-    """Greedy reply to an example's conversation (its assistant turn, if any, is left out)."""
+    """Greedy reply to an example's conversation up to its last user turn (the reply it trains on is
+    left out), shown the example's context, through the runtime's prompt builder."""
     from source.evaluate import reply
-    from source.sft_data import to_chat_messages
 
-    prompt = dict(example, messages=[m for m in example["messages"] if m["role"] != "assistant"])
-    return reply(model, tokenizer, to_chat_messages(prompt), max_new_tokens)
+    messages = example["messages"]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return reply(model, tokenizer, messages[:last_user + 1], example.get("context"), max_new_tokens)
 
 
 def _check_same_base(out_dir: Path, base: Path, base_sha: str) -> None:

@@ -4,7 +4,7 @@ Design choices:
 - Plain static files, relative URLs only, so the folder works from `python -m http.server`, from
   `https://USER.github.io/REPO/` and offline once cached. `.nojekyll` stops Pages from hiding files.
 - Only what the browser loads is copied: `dist/transformers.js` (self-contained, no bare imports)
-  and onnxruntime-web's `ort-wasm-simd-threaded.asyncify.{wasm,mjs}` (DESIGN §2), taken from the
+  and onnxruntime-web's `ort-wasm-simd-threaded.asyncify.{wasm,mjs}` (docs/pages/decisions.md), taken from the
   onnxruntime-web that transformers.js depends on (nested under it, or hoisted by npm) and checked
   against its pinned version, since a mismatched wasm fails at run time, not at load.
 - From the export: config, generation config, tokenizer files, manifest, the ONNX files for dtype
@@ -35,7 +35,7 @@ MODEL_ID = "supermix"  # the site serves the export at models/supermix/
 ORT_FILES = ("ort-wasm-simd-threaded.asyncify.wasm", "ort-wasm-simd-threaded.asyncify.mjs")
 SKIP_STATIC = {"node_modules", "package.json", "package-lock.json"}
 EXPORT_SKIP = {"model.safetensors", "tokenizer.model", "onnx/model_q4.onnx", "onnx/model_gqa_quantized.onnx",
-               "README.md"}  # the gqa file prefills ~3x slower in onnxruntime-web than the portable one
+               "README.md"}  # the gqa file prefills slower in onnxruntime-web than the portable one
 EXPORT_REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json", "onnx/model_quantized.onnx")
 _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -76,8 +76,8 @@ def npm_files(web_static: Path = WEB_STATIC) -> dict[str, Path | str]:
 
 def runtime_settings() -> dict:
     """What the browser must share with runtime_python to build the same prompt and stop the same way."""
-    from runtime_python.chat import MIN_PASSAGE_CHARS
     from runtime_python.generation import GenerationConfig
+    from source.prompt import MIN_PASSAGE_CHARS
     from source.sft_data import DEFAULT_SYSTEM_PROMPT, PASSAGE_CHARS
     from source.tokenizer import CHAT_TOKENS, CONTROL_TOKENS
 

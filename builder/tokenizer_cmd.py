@@ -13,20 +13,9 @@ from source.tokenizer import Tokenizer, train_tokenizer
 VAL_CHARS = 2_000_000  # enough text for a stable chars/token figure, quick to encode
 
 
-def _parquet_texts(data_dir: Path, split: str) -> Iterator[str]:
-    """The `text` column of DIR/{split}-*.parquet, in file order (fallback for iter_texts)."""
-    import pyarrow.parquet as pq
-
-    for f in sorted(data_dir.glob(f"{split}-*.parquet")):
-        for batch in pq.ParquetFile(f).iter_batches(columns=["text"]):
-            yield from (t for t in batch.column(0).to_pylist() if t)
-
-
 def _split_texts(data_dir: Path, split: str) -> Iterator[str]:
-    try:  # the corpus module owns the shard format; use it when present
-        from source.corpus.build import iter_texts
-    except ImportError:
-        return _parquet_texts(data_dir, split)
+    from source.corpus.build import iter_texts  # the corpus module owns the shard format
+
     return iter(iter_texts(data_dir, split))
 
 

@@ -7,8 +7,8 @@ Design choices:
   serves one conversation at a time; callers serialise (the server runs one job at a time).
 - `TorchBackend` runs the `.pth` weights with its own lean forward instead of calling
   `Transformer.forward` per token. Decoding a model this small is bound by Python/dispatch
-  overhead and by streaming the weights from memory (measured here: ~5 ms of a 5.6 ms step was
-  matmuls reading 32 MB of fp32 weights), so the step is built to do as little as possible:
+  overhead and by streaming the weights from memory (most of a step is matmuls reading the
+  weights), so the step is built to do as little as possible:
   q|k|v and gate|up fused into one matmul each; the softmax scale folded into the q weights;
   RoPE for all heads of a layer as one small matmul with a per-step (head_dim x head_dim) rotation
   matrix, built once per step and shared by all layers; single-token attention as two batched
@@ -18,13 +18,12 @@ Design choices:
   modules are only the source of the weights.
 - dtypes: "fp32" (default; the reference numerics), "bf16" (bf16 weights and matmul inputs; the
   residual stream and norms stay fp32 as under the bf16 autocast the model trained with; on CPU
-  the weights are pre-packed for oneDNN, whose bf16 kernels beat plain `F.linear` ~2x here),
+  the weights are pre-packed for oneDNN, whose bf16 kernels beat plain `F.linear`),
   and "int8" (CPU only: weight-only int8 with one scale per output row, bf16 matmul inputs,
   `torch._weight_int8pack_mm`; a quarter of the fp32 weight bytes, small logit error, not exact).
 - `compile=True` wraps the single-token step in `torch.compile` (position kept symbolic, so it
-  compiles once, on the first decode: 7-20 s here). Measured on this 2-core CPU while a training
-  run shared it: no reliable gain (int8 +25% in one run; every dtype slower in another), so it is
-  off by default; `benchmarks/decode.py --compile` re-measures it on a quiet machine.
+  compiles once, on the first decode, which takes seconds). It gave no reliable gain on a small
+  shared CPU, so it is off by default; `benchmarks/decode.py --compile` measures it on yours.
 - Tokenizer check: a checkpoint records the sha256 of its tokenizer.model; loading it with another
   tokenizer raises a ValueError that names both, instead of generating garbage.
 - OnnxBackend lives in `runtime_python/onnx_backend.py` (onnxruntime over a `builder export` folder,
@@ -158,7 +157,7 @@ def _onednn_bf16(w: torch.Tensor) -> tuple[torch.Tensor, Callable]:
 
 def _int8(w: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Callable]:
     """Symmetric per-output-row int8: w ~= q * scale[:, None]. Activations must be bf16: the kernel's
-    fp32-activation path measured 12x slower here (290 us vs 24 us for 1408x256)."""
+    fp32-activation path is an order of magnitude slower."""
     w = w.float()
     scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
@@ -188,7 +187,7 @@ class TorchBackend(ChatBackend):
         self.device, self.dtype, self.max_seq_len = device, dtype, cfg.max_seq_len
         self.params = model.num_params()
         # the dtype of the weight matmuls' inputs; the residual stream, norms, RoPE, attention and the
-        # cache stay fp32: CPU bf16 bmm on these small shapes measured 7x slower than fp32 (90 vs 12 us)
+        # cache stay fp32: CPU bf16 bmm on these small shapes is much slower than fp32
         self._act = torch.float32 if dtype == "fp32" else torch.bfloat16
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # pre-packed oneDNN weights are opaque to inductor (it packs its own): plain bf16 under compile

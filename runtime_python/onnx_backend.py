@@ -1,7 +1,7 @@
 """OnnxBackend: an exported folder's ONNX model (`builder export`) behind the ChatBackend protocol.
 
 Design choices:
-- The graph has the Hugging Face/optimum IO names (DESIGN §2): `input_ids`, `attention_mask`,
+- The graph has the Hugging Face/optimum IO names (docs/pages/decisions.md): `input_ids`, `attention_mask`,
   `position_ids`, `past_key_values.{i}.key/value` in; `logits`, `present.{i}.key/value` out. A decode
   step feeds the previous step's `present.*` back as `past_key_values.*`.
 - Those K/V tensors never leave onnxruntime: the step binds them through an `IOBinding` as the
@@ -12,8 +12,8 @@ Design choices:
   onnx/model_gqa_quantized.onnx (the same int8 weights in onnxruntime's GroupQueryAttention graph, the
   fastest file here; `supermix --backend onnx --dtype int8` takes it when the export has it).
 - One intra-op thread by default: a decode step of a model this small is ~400 tiny ops, and thread
-  hand-offs cost more than they save (measured: int8 886 tok/s on 1 thread; with 2 threads while another
-  process held a core, 147). `threads=None` lets onnxruntime pick.
+  hand-offs cost more than they save, badly so when another process holds a core
+  (docs/pages/decisions.md). `threads=None` lets onnxruntime pick.
 - The tokenizer is the sentencepiece model copied into the export folder, the same `Tokenizer` the
   torch backend uses, so prompts, stop handling and detokenisation are shared code.
 """

@@ -6,9 +6,9 @@
 #   SFT2_STEPS=569 ...   a second, continued SFT run from the first one's weights (lr 5e-4, warmup 30): v3's
 #                        recipe (same seed, so it replays the first run's first chats; a new --set seed=N sees
 #                        others); the registry then takes that run instead of the first
-# On the 2-core reference machine a small-preset step takes 4-6 s (batch 16 x 512; 1 thread with
-# OMP_NUM_THREADS=1 is only ~20% slower and leaves a core free), so 550 + 900 steps is ~2.5 h: run it
-# in pieces of <= 90 min (timeout 90m bash scripts/train_champion.sh). The defaults are the `default`
+# On a 2-core CPU a small-preset step (batch 16 x 512) takes seconds, so 550 + 900 steps take hours
+# (OMP_NUM_THREADS=1 leaves a core free at little cost): run it in pieces if you need to
+# (timeout 90m bash scripts/train_champion.sh). The defaults are the `default`
 # profile of `builder release` (builder/release.py), which runs the same stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."

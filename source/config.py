@@ -79,10 +79,6 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.seq_len * self.grad_accum
-
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # < 1M parameters: for tests and CI

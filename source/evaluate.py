@@ -7,6 +7,9 @@
   — and cite the gold passage's number `[k]`. `grounded_qa` is the share of items passing both.
 - refusal accuracy (kind "no-answer"): the answer says it does not know.
 - samples: fixed prompts answered with retrieval (when an index is given), saved verbatim.
+- Every answer is generated from `source.prompt.build_prompt` (the runtime's layout and token budget:
+  old turns, then passage text, then the start of the question give way) and its citations are
+  parsed by `source.prompt.cited_numbers`, so eval scores the prompts users' models are sent.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 import torch
 
 from source.model import Transformer
+from source.prompt import build_prompt, cited_numbers
+from source.sft_data import DEFAULT_SYSTEM_PROMPT
 
 SAMPLE_PROMPTS = ("What does json.dumps do?", "Define ephemeral.", "What is a closure in programming?",
                   "How does the for statement work in Python?", "Hi! How are you today?")
@@ -37,10 +42,6 @@ def content_words(text: str) -> list[str]:
 def fact_recall(answer: str, reference: str) -> float:
     ref = set(content_words(reference))
     return len(ref & set(content_words(answer))) / len(ref) if ref else 0.0
-
-
-def cited_numbers(answer: str) -> set[int]:
-    return {int(n) for n in re.findall(r"\[(\d+)\]", answer)}
 
 
 @torch.no_grad()
@@ -65,12 +66,11 @@ def bits_per_byte(model: Transformer, token_dir: str | Path, seq_len: int = 256,
     return {"val_loss": nats, "val_bpb": nats / math.log(2) * shards.tokens_per_byte, "val_tokens": count}
 
 
-def reply(model: Transformer, tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:
-    ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=True)
-    room = model.cfg.max_seq_len - max_new_tokens
-    if len(ids) > room:  # keep the end of the prompt: the question and the generation prompt
-        ids = ids[:1] + ids[len(ids) - room + 1:]
-    out = model.generate(ids, max_new_tokens, stop_ids=(tokenizer.special_ids["end"], tokenizer.eos_id))
+def reply(model: Transformer, tokenizer, messages: list[dict], passages: list | None = None,
+          max_new_tokens: int = 64, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """Greedy answer to `messages` (ending with a user turn) shown `passages`, through the runtime's prompt."""
+    prompt = build_prompt(tokenizer, messages, passages or [], system_prompt, max_new_tokens, model.cfg.max_seq_len)
+    out = model.generate(prompt.ids, max_new_tokens, stop_ids=(tokenizer.special_ids["end"], tokenizer.eos_id))
     return tokenizer.decode(out).strip()
 
 
@@ -78,16 +78,13 @@ def grounded_qa(model: Transformer, tokenizer, examples: list[dict], limit: int 
                 recall_threshold: float = 0.5, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from source.sft_data import to_chat_messages
-
     model.eval()
     grounded = [e for e in examples if e.get("meta", {}).get("kind") == "grounded"][:limit]
     refusals = [e for e in examples if e.get("meta", {}).get("kind") == "no-answer"][:max(1, limit // 4)]
     items, fact_ok, cite_ok, both_ok, refused_ok = [], 0, 0, 0, 0
     for ex in tqdm(grounded + refusals, desc="grounded QA", disable=not progress):
-        prompt = dict(ex, messages=ex["messages"][:-1])
         reference = ex["messages"][-1]["content"]
-        answer = reply(model, tokenizer, to_chat_messages(prompt))
+        answer = reply(model, tokenizer, ex["messages"][:-1], ex.get("context"))
         item = {"question": ex["messages"][-2]["content"], "answer": answer, "reference": reference,
                 "kind": ex["meta"]["kind"]}
         if ex["meta"]["kind"] == "grounded":
@@ -107,15 +104,14 @@ def grounded_qa(model: Transformer, tokenizer, examples: list[dict], limit: int 
 
 
 def sample_conversations(model: Transformer, tokenizer, index=None, prompts=SAMPLE_PROMPTS, k: int = 3) -> list[dict]:
-    from source.sft_data import prepare_context, to_chat_messages
+    from source.sft_data import prepare_context
 
     out = []
     for prompt in prompts:
         t0 = time.perf_counter()
         # clipped exactly like the training contexts
         passages = prepare_context(index.search(prompt, k)) if index is not None else []
-        example = {"messages": [{"role": "user", "content": prompt}], "context": passages}
-        answer = reply(model, tokenizer, to_chat_messages(example), max_new_tokens=80)
+        answer = reply(model, tokenizer, [{"role": "user", "content": prompt}], passages, max_new_tokens=80)
         out.append({"prompt": prompt, "answer": answer, "sources": [f"{p['id']} ({p['title']})" for p in passages],
                     "seconds": round(time.perf_counter() - t0, 3)})
     return out

@@ -37,7 +37,3 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def merged_copy(model: nn.Module) -> nn.Module:
     """A plain Transformer with the adapters folded into the weights; `model` keeps training."""
     return copy.deepcopy(model).merge_and_unload()
-
-
-def is_lora(model: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in model.named_parameters())

@@ -15,7 +15,6 @@ Design choices (all chosen so the weights map 1:1 onto Hugging Face `LlamaForCau
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -247,7 +246,3 @@ def hf_config_dict(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2) -> dict:
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
                 tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
                 bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype="float32")
-
-
-def config_dict(cfg: ModelConfig) -> dict:
-    return asdict(cfg)

@@ -38,7 +38,7 @@ class RegistryError(ValueError):
 
 
 def _ckpt():
-    # source.checkpoint pulls in torch (~2 s): imported on first use so `builder models list` stays instant;
+    # source.checkpoint pulls in torch (slow to import): imported on first use so `builder models list` stays instant;
     # only reading a .pth needs it
     import source.checkpoint as ckpt
     return ckpt

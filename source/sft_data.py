@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import time
@@ -55,7 +54,7 @@ TEST_FRACTION = 0.05
 # ~40k examples: QA questions per source (of which NO_ANSWER_SHARE become no-answer) + chit-chat windows
 DEFAULT_LIMITS = {"docstrings": 9000, "pydoc-topics": 600, "python-docs": 7000, "wordnet": 10000,
                   "foldoc": 8000, "chitchat": 5500}
-_CITATION = re.compile(r" ?\[\d+\]")
+_CITATION = re.compile(r" ?\[[0-9]+\]")  # ASCII digits, like the JS port (web_static/prompt.js)
 NO_ANSWER_SHARE, SHUFFLE_SHARE, FOLLOWUP_SHARE = 0.15, 0.4, 0.08
 # the runtime retrieves for every message, small talk included: most chit-chat shows passages it ignores
 CHITCHAT_CONTEXT_SHARE = 0.6

@@ -75,10 +75,6 @@ def phrase(title: str) -> str:
                     for w in title.split())
 
 
-def lc_article(s: str) -> str:
-    return re.sub(r"^(A|An|The|One) ", lambda m: m.group(1).lower() + " ", s)
-
-
 _LOWERABLE = set("A An The One Any To Used Said Part Someone Something Software Common Synonym Term "
                  "Variant Slang Another Early Short Abbreviation Jargon Obsolete Alternative Name Similar Same Like".split())
 _SENTENCE_START = set("In When If On For There It It's What Do Not Yet Using Given Under This These "

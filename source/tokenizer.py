@@ -1,7 +1,7 @@
 """Tokenizer stage: SentencePiece BPE training, the chat template, and the tokenizer.json export.
 
 Design choices:
-- SentencePiece **BPE**, not Unigram (DESIGN §2): transformers.js ignores Unigram's byte fallback, so
+- SentencePiece **BPE**, not Unigram (docs/pages/decisions.md): transformers.js ignores Unigram's byte fallback, so
   newlines and non-ASCII text broke in the browser. BPE with `byte_fallback` never emits <unk>.
 - Lossless text: identity normalization, no whitespace squeezing, whitespace-only pieces allowed
   (indentation), digits split one per token (arithmetic, version numbers), dummy prefix "▁".
@@ -11,7 +11,7 @@ Design choices:
   capped at 2,048 characters per sentence, and sampled down to `max_chars` by a seeded streaming
   bottom-k sample, so memory and time are bounded however large the corpus is.
 - tokenizer.json is built by hand with `tokenizers` (Llama-2 layout); transformers' converters are
-  broken or missing for SentencePiece BPE (DESIGN §2). Parity with sentencepiece is tested.
+  broken or missing for SentencePiece BPE (docs/pages/decisions.md). Parity with sentencepiece is tested.
 - Special-token strings inside text are matched as tokens, and the text between them gets its own
   dummy prefix. That is what `tokenizers` does (it splits on added tokens, then normalizes each
   segment, so Prepend("▁") applies per segment), and it is exactly why the HF chat template, which

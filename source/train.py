@@ -102,11 +102,11 @@ def cpu_has_bf16_units(cpuinfo: str | None = None) -> bool | None:
 @functools.lru_cache(maxsize=1)
 def slow_cpu_bf16(size: int = 256, trials: int = 9) -> tuple[bool, float, float]:
     """(is bf16 much slower than fp32 here?, bf16 GFLOP/s, fp32 GFLOP/s) for CPU matmuls. CPUs without
-    AVX512-BF16/AMX emulate bf16: on such an AMD EPYC a 1024^2 bf16 matmul ran at ~1 GFLOP/s vs ~84 in
-    fp32, so bf16 autocast made a training step minutes long instead of seconds. An x86 CPU without those
-    flags is slow, whatever the timing says: a timed probe alone once chose bf16 on such a CPU (145 s per
-    step), as load from other processes can slow a trial a hundredfold. Elsewhere the timing decides; the
-    dtypes take turns and each speed is its best trial. Cached: one process picks one precision."""
+    AVX512-BF16/AMX emulate bf16, tens of times slower than fp32, so bf16 autocast made a training step
+    minutes long instead of seconds. An x86 CPU without those flags is slow, whatever the timing says: a
+    timed probe alone once chose bf16 on such a CPU, as load from other processes can slow a trial a
+    hundredfold. Elsewhere the timing decides; the dtypes take turns and each speed is its best trial.
+    Cached: one process picks one precision."""
     mats = {dtype: torch.randn(size, size, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
     best = dict.fromkeys(mats, float("inf"))
     for a in mats.values():

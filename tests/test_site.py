@@ -1,7 +1,7 @@
 """The Pages site: browser index parity (Python vs JS), `builder site`, and a real chat in headless Chromium.
 
 The browser test serves the built site with `python -m http.server` on 127.0.0.1, drives Debian's
-/usr/bin/chromium through the `playwright` package (DESIGN §2 flags), aborts and records every request
+/usr/bin/chromium through the `playwright` package (flags: docs/pages/decisions.md), aborts and records every request
 that would leave 127.0.0.1, and compares the streamed reply with runtime_python's onnxruntime reply on
 the same ONNX file, token for token. Page state is polled with `page.evaluate` because the page's
 Content-Security-Policy (kept on in the test) forbids the string eval `wait_for_function` uses.
@@ -287,18 +287,3 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         page.screenshot(path=str(art / "site-about.png"), full_page=True)
         browser.close()
     assert external == []
-
-
-@pytest.mark.skipif(NODE is None, reason="node is not installed")
-def test_prompt_js_defuses_special_tokens_like_python():
-    from test_runtime_engine import INJECTIONS
-
-    from runtime_python.chat import defuse_special_tokens
-
-    script = ("import { defuseSpecialTokens } from '%s';\n"
-              "process.stdout.write(JSON.stringify(JSON.parse(process.argv[1]).map(defuseSpecialTokens)));"
-              % (REPO / "web_static" / "prompt.js").as_uri())
-    run = subprocess.run([NODE, "--input-type=module", "-e", script, json.dumps(INJECTIONS)],
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout) == [defuse_special_tokens(t) for t in INJECTIONS]

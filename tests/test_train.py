@@ -85,7 +85,7 @@ def test_x86_cpu_flags_overrule_the_timed_bf16_probe():
     if cpu_has_bf16_units() is not False:
         return
     # this machine has no bf16 units: it must pick fp32 even while other processes load every core, which
-    # can slow one timed trial a hundredfold (v8's first run chose bf16 that way: 145 s per step)
+    # can slow one timed trial a hundredfold (a timed probe alone once chose bf16 that way)
     hog = "import torch, time\nb = torch.randn(1024, 1024)\nt = time.time()\nwhile time.time() - t < 30: b @ b"
     hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(3)]
     try:

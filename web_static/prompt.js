@@ -1,7 +1,10 @@
-// The prompt, laid out and budgeted exactly like runtime_python/chat.py (_split, _fit, _keep_end) and
-// source/sft_data.py (to_chat_messages, clip_text, prepare_context) + source/tokenizer.py
-// (format_context). The ids come from the exported tokenizer_config.json chat template, which renders
-// the layout of Tokenizer.encode_chat (tests/test_site.py compares the ids with Python's).
+// The JavaScript port of source/prompt.py, the one prompt builder (its docstring lists the design):
+// the prompt laid out and budgeted exactly like source/prompt.py (split_messages, build_prompt,
+// _keep_end, cited_numbers, defuse_special_tokens), with source/sft_data.py (to_chat_messages,
+// clip_text, prepare_context) and source/tokenizer.py (format_context). The ids come from the
+// exported tokenizer_config.json chat template, which renders the layout of Tokenizer.encode_chat.
+// tests/test_prompt.py runs this file in node over the same cases as Python and requires identical
+// prompt ids, laid-out messages, shown passages and cited numbers.
 // Python counts string lengths in code points, so the clipping below does too (Array.from).
 
 const PY_SPACE = "[\\t\\n\\v\\f\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
@@ -9,8 +12,8 @@ const LEAD = new RegExp(`^${PY_SPACE}+`), TRAIL = new RegExp(`${PY_SPACE}+$`);
 const rstrip = (s) => s.replace(TRAIL, "");
 export const strip = (s) => rstrip(s).replace(LEAD, "");  // Python str.strip(), not String.trim()
 const cpLen = (s) => Array.from(s).length;
-const CITATION = / ?\[\d+\]/g;
-const CITE = /\[(\d+(?:\s*,\s*\d+)*)\]/g;
+const CITATION = / ?\[[0-9]+\]/g;
+const CITE = /\[([0-9]{1,9}(?:[ \t\n\r\f\v]*,[ \t\n\r\f\v]*[0-9]{1,9})*)\]/g;  // ASCII: \d, \s differ from Python's
 
 /** source.sft_data.clip_text: cut at a word boundary to at most maxChars, " ..." marking the cut. */
 export function clipText(text, maxChars) {
@@ -48,12 +51,12 @@ export function toChatMessages(messages, context) {
   return msgs;
 }
 
-// runtime_python.chat.defuse_special_tokens: text spelling a special token would be encoded as it
+// source.prompt.defuse_special_tokens: text spelling a special token would be encoded as it
 // (a forged turn); its "<" becomes U+2039, longest token first, exactly as in Python.
 const SPECIAL = /<\|assistant\|>|<\|context\|>|<\|system\|>|<\|user\|>|<\|end\|>|<unk>|<\/s>|<s>/g;
 export const defuseSpecialTokens = (text) => text.replace(SPECIAL, (t) => "\u2039" + t.slice(1));
 
-/** runtime_python.chat._split: [system text, earlier turns, latest user text]. */
+/** source.prompt.split_messages: [system text, earlier turns, latest user text], all defused. */
 export function splitMessages(messages, systemPrompt) {
   const system = [], turns = [];
   messages.forEach((m, i) => {
@@ -66,20 +69,30 @@ export function splitMessages(messages, systemPrompt) {
   return [system.length ? system.join("\n\n") : systemPrompt, turns.slice(0, -1), turns.at(-1).content];
 }
 
-/** runtime_python.chat.cited_numbers: "[2] and [1, 3]" -> [1, 2, 3]. */
+/** source.prompt.cited_numbers: "[2] and [1, 3]" -> [1, 2, 3]. */
 export function citedNumbers(text) {
   const out = new Set();
   for (const m of text.matchAll(CITE)) for (const n of m[1].split(",")) out.add(parseInt(n.trim(), 10));
   return [...out].sort((a, b) => a - b);
 }
 
+/** The `tok` buildPrompt needs, over a transformers.js tokenizer of an exported folder. */
+export function chatTokenizer(tokenizer) {
+  return {
+    encode: (text) => tokenizer.encode(text, { add_special_tokens: false }),  // ids, no BOS
+    encodeChat: (msgs) => Array.from(tokenizer.apply_chat_template(msgs, { add_generation_prompt: true, tokenize: true,
+                                                                         return_tensor: false, return_dict: false })),
+  };
+}
+
 /**
- * runtime_python.chat._fit: {ids, kept, shown} within the token budget.
- * `tok`: {encode(text) -> ids without BOS, encodeChat(messages) -> ids with the generation prompt}.
+ * source.prompt.build_prompt: {ids, messages, passages, question} within the token budget.
+ * `tok`: {encode(text) -> ids without BOS, encodeChat(messages) -> ids with the generation prompt}
+ * (chatTokenizer). `minPassageChars` is source.prompt.MIN_PASSAGE_CHARS (site.json carries it).
  */
 export function buildPrompt(tok, messages, passages, systemPrompt, maxNewTokens, maxSeqLen, minPassageChars) {
-  const [system, history, user0] = splitMessages(messages, systemPrompt);
-  let user = user0;
+  const [system, history, question] = splitMessages(messages, systemPrompt);
+  let user = question;
   const cost = (content) => tok.encode(content).length + 2;  // <|role|> content <|end|>
   const limit = maxSeqLen - maxNewTokens;
   const fixed = 2 + cost(system) + cost("");
@@ -113,10 +126,10 @@ export function buildPrompt(tok, messages, passages, systemPrompt, maxNewTokens,
                                { role: "user", content: user }], ctx);
   const ids = tok.encodeChat(kept);
   if (ids.length > limit) throw new Error(`prompt of ${ids.length} tokens exceeds the budget of ${limit}`);
-  return { ids, kept, shown: ctx };
+  return { ids, messages: kept, passages: ctx, question };
 }
 
-/** runtime_python.chat._keep_end: the longest suffix that encodes to at most `room` tokens. */
+/** source.prompt._keep_end: the longest suffix that encodes to at most `room` tokens. */
 function keepEnd(tok, text, room) {
   const cps = Array.from(text);
   let lo = 0, hi = cps.length;

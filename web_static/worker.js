@@ -3,7 +3,7 @@
 // sources, delta, done, error. Every URL is relative to this file, so the site works under /REPO/.
 import { env, AutoTokenizer, AutoModelForCausalLM, InterruptableStoppingCriteria, Tensor } from "./vendor/transformers.js";
 import { BrowserIndex } from "./retrieval.js";
-import { buildPrompt, citedNumbers, prepareContext } from "./prompt.js";
+import { buildPrompt, chatTokenizer, citedNumbers, prepareContext, splitMessages } from "./prompt.js";
 
 const here = (path) => new URL(path, self.location.href).href;
 let CACHE = null;  // "supermix-files-<cache_key>": the wasm and index shards; the model files go to
@@ -95,7 +95,7 @@ async function load(dtype) {
     try { return await forward(inputs); } finally { forwardMs.push(performance.now() - t); }
   };
   maxSeqLen = model.config.max_position_embeddings;
-  // runtime_python.chat: </s>, <s> and every chat-role token end a reply
+  // as in runtime_python.chat: </s>, <s> and every chat-role token end a reply
   endIds = new Set(site.end_tokens.map((t) => tokenizer.encode(t, { add_special_tokens: false })[0]));
   post({ type: "ready", dtype, load_ms: Math.round(performance.now() - t0), steps, site, retrieval: !!index });
 }
@@ -145,16 +145,11 @@ async function generate({ id, messages, settings }) {
   const t0 = performance.now();
   const cfg = { temperature: 0.7, top_p: 0.9, top_k: 0, max_new_tokens: 256, retrieval: true, k: 3, seed: null,
                 ...settings };
-  const question = messages.filter((m) => m.role === "user").at(-1)?.content ?? "";
+  const question = splitMessages(messages, site.system_prompt)[2];  // source.prompt: what retrieval searches
   const found = index && cfg.retrieval && cfg.k > 0 ? await index.search(question, cfg.k) : [];
   const passages = prepareContext(found, site.passage_chars);
-  const tok = {
-    encode: (text) => tokenizer.encode(text, { add_special_tokens: false }),
-    encodeChat: (msgs) => Array.from(tokenizer.apply_chat_template(msgs, { add_generation_prompt: true, tokenize: true,
-                                                                          return_tensor: false, return_dict: false })),
-  };
-  const { ids, shown } = buildPrompt(tok, messages, passages, site.system_prompt, cfg.max_new_tokens, maxSeqLen,
-                                     site.min_passage_chars);
+  const { ids, passages: shown } = buildPrompt(chatTokenizer(tokenizer), messages, passages, site.system_prompt,
+                                               cfg.max_new_tokens, maxSeqLen, site.min_passage_chars);
   const sources = shown.map((p, i) => ({ number: i + 1, id: p.id, title: p.title, source: p.source, text: p.text }));
   post({ type: "sources", id, sources });
   stopping.reset();

@@ -11,7 +11,7 @@ Design choices:
 - Only records of at least MIN_WORDS words enter the near pass: a WordNet gloss of eight words
   has four shingles, and two different words whose glosses share three of them are not duplicates.
 - Shingles are hashed with zlib.crc32 (C speed, deterministic) instead of datasketch's default
-  SHA-1, which makes the pass ~3x faster; MinHash mixes and permutes the hash afterwards anyway.
+  SHA-1, which makes the pass several times faster; MinHash mixes and permutes the hash afterwards anyway.
 """
 
 from __future__ import annotations
