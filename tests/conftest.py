@@ -27,10 +27,10 @@ def tiny_workspace(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_index(tiny_workspace, tmp_path_factory) -> Path:
-    """A real FTS5 retrieval index over the tiny workspace's corpus."""
-    from source.retrieval import build_index
+    """A real retrieval index folder over the tiny workspace's corpus."""
+    from source.retrieval_build import build_index
 
-    path = tmp_path_factory.mktemp("index") / "index.sqlite"
+    path = tmp_path_factory.mktemp("index") / "index"
     build_index(tiny_workspace["data"], path, progress=False)
     return path
 

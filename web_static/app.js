@@ -7,7 +7,7 @@ const worker = new Worker("worker.js", { type: "module" });
 const history = [];  // {role, content}: what the next request sends
 const files = new Map();  // download progress per file
 let busy = false, current = null, nextId = 1;
-const app = window.supermix = { ready: false, replies: [], errors: [], renderReply, loadMs: null };
+const app = window.supermix = { ready: false, replies: [], errors: [], renderReply, startConversation, loadMs: null };
 
 $("dtype").value = dtype;
 $("dtype").addEventListener("change", () => {  // a different file: reload with the new query parameter
@@ -85,6 +85,25 @@ function renderReply(reply) {
   const box = addMessage("assistant", "");
   showReply(box, reply);
   return box;
+}
+
+/** For tests and evaluation (`builder eval --via site`), not the UI: start a new chat whose earlier
+ * turns are `turns` ([{role: "user" | "assistant", content}], alternating, from a user turn), shown as
+ * if they had been typed and answered; the next message sent continues that conversation. */
+function startConversation(turns = []) {
+  if (busy) throw new Error("a reply is being generated");
+  turns.forEach((t, i) => {
+    if (t?.role !== (i % 2 ? "assistant" : "user") || typeof t.content !== "string") {
+      throw new Error(`turns[${i}] must be {role: "${i % 2 ? "assistant" : "user"}", content: string}`);
+    }
+  });
+  history.length = 0;
+  $("log").replaceChildren();
+  for (const t of turns) {
+    addMessage(t.role, t.content);
+    history.push({ role: t.role, content: t.content });
+  }
+  return history.length;
 }
 
 worker.onmessage = ({ data }) => {
