@@ -3,7 +3,7 @@
 Design choices:
 - The prompt comes from `source.prompt.build_prompt`, the one prompt builder (training's layout,
   special-token spellings defused, the token budget). Passages are
-  `prepare_context(index.search(latest user message, k))`, clipped exactly as in training.
+  `prepare_context(index.search(retrieval_query(messages), k))` (the latest user message and the one before it), clipped exactly as in training.
 - A reply ends at <|end|> or </s>, and also at <s> or any other chat-role token (<|user|> etc.):
   those mean the model started a new turn, which is never reply text.
 - Citations: `Reply.citations` holds the sources the reply cites as [n] or [1, 2] (parsed by
@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from source.prompt import build_prompt, cited_numbers, split_messages
+from source.prompt import build_prompt, cited_numbers, retrieval_query
 from source.sft_data import DEFAULT_SYSTEM_PROMPT, prepare_context
 from runtime_python.backends import ChatBackend
 from runtime_python.generation import (GenerationConfig, IncrementalDetokenizer, StopChecker, make_generator,
@@ -67,7 +67,7 @@ def generate_stream(backend: ChatBackend, messages: list[dict], gen: GenerationC
     t0 = time.perf_counter()
     gen = gen.validate()
     tok = backend.tokenizer
-    question = split_messages(messages, system_prompt)[2]
+    question = retrieval_query(messages, system_prompt)
     passages = prepare_context(index.search(question, k)) if index is not None and retrieval and k > 0 else []
     prompt = build_prompt(tok, messages, passages, system_prompt, gen.max_new_tokens, backend.max_seq_len)
     ids = prompt.ids

@@ -70,6 +70,15 @@ def split_messages(messages: list[dict], system_prompt: str) -> tuple[str, list[
     return "\n\n".join(system) if system else system_prompt, turns[:-1], turns[-1]["content"]
 
 
+def retrieval_query(messages: list[dict], system_prompt: str = "") -> str:
+    """What retrieval searches for: the latest user message, then the user message before it. A
+    follow-up ("and how do i read it back?") names its topic only in the turn it follows; a question
+    that names its own topic still ranks its own words first, since they come first."""
+    _, history, question = split_messages(messages, system_prompt)
+    earlier = [t["content"] for t in history if t["role"] == "user"]
+    return f"{question}\n{earlier[-1]}" if earlier else question
+
+
 def _cost(tokenizer: Tokenizer, content: str) -> int:
     return len(tokenizer.encode(content)) + 2  # <|role|> content <|end|>
 

@@ -76,19 +76,19 @@ def words(text: str) -> list[str]:
     return _WORD.findall("".join(c for c in text if not unicodedata.category(c).startswith("M")))
 
 
-def aliased_words(title: str) -> list[str]:
+def aliased_words(title: str, aliases=KEY_ALIASES) -> list[str]:
     """A title's words with an import alias applied: "builtins.str.zfill" -> ["str", "zfill"]."""
     ws = words(title)
-    for prefix, alias in KEY_ALIASES:
+    for prefix, alias in aliases:
         if ws[:1] == [prefix]:
             return alias.split() + ws[1:]
     return ws
 
 
-def content_words(query: str) -> list[str]:
-    """Distinct query words minus stop words (all of them if only stop words), at most MAX_QUERY_TERMS."""
+def content_words(query: str, stop_words: frozenset[str] = STOP_WORDS, limit: int = MAX_QUERY_TERMS) -> list[str]:
+    """Distinct query words minus stop words (all of them if only stop words), at most `limit`."""
     ws = words(query)
-    return list(dict.fromkeys([w for w in ws if w not in STOP_WORDS] or ws))[:MAX_QUERY_TERMS]
+    return list(dict.fromkeys([w for w in ws if w not in stop_words] or ws))[:limit]
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -132,7 +132,10 @@ class Index:
         self.lengths = np.frombuffer(raw, "<u2", n, 0).astype(np.float64)
         self.chunks = np.frombuffer(raw, "<u2", n, 2 * n).astype(np.int64)
         self.source_of = np.frombuffer(raw, np.uint8, n, 4 * n)
+        # the constants the index was built with, so this reader and retrieval.js agree on every file
         self.stop_words = frozenset(self.meta["stop_words"])
+        self.articles = frozenset(self.meta["articles"])
+        self.aliases = [tuple(a) for a in self.meta["key_aliases"]]
         self._shards: dict[int, tuple[dict, np.ndarray, int]] = {}
         self._texts: dict[int, list] = {}
         self._keys: dict[int, dict] = {}
@@ -172,7 +175,7 @@ class Index:
         k1, b, avgdl = self.meta["k1"], self.meta["b"], self.meta["avgdl"]
         total = np.zeros(len(self))
         hit = np.zeros(len(self), bool)
-        for stem in dict.fromkeys(self.stem(w) for w in content_words(query)):
+        for stem in dict.fromkeys(self.stem(w) for w in self._content_words(query)):
             idf, docs, f = self.postings(stem)
             norm = k1 * (1 - b + b * self.lengths[docs] / avgdl)
             total[docs] += idf * (f * (k1 + 1)) / (f + norm)
@@ -186,15 +189,15 @@ class Index:
         not open with an article, content words stemmed ("regular expressions" -> "regular express")."""
         out = []
         for m in _IDENT.findall(query):
-            ws = aliased_words(m)
-            out.append(("=" + " ".join(ws), [self.stem(w) for w in ws if w not in STOP_WORDS]))
-        ws = words(query)[:MAX_NAME_QUERY_WORDS]
-        stems = [w if w in STOP_WORDS else self.stem(w) for w in ws]
+            ws = aliased_words(m, self.aliases)
+            out.append(("=" + " ".join(ws), [self.stem(w) for w in ws if w not in self.stop_words]))
+        ws = words(query)[:self.meta["max_name_query_words"]]
+        stems = [w if w in self.stop_words else self.stem(w) for w in ws]
         for i in range(len(ws)):
-            if ws[i] in ARTICLES:
+            if ws[i] in self.articles:
                 continue
-            for j in range(i + 1, min(i + MAX_NAME_WORDS, len(ws)) + 1):
-                content = [st for w, st in zip(ws[i:j], stems[i:j]) if w not in STOP_WORDS]
+            for j in range(i + 1, min(i + self.meta["max_name_words"], len(ws)) + 1):
+                content = [st for w, st in zip(ws[i:j], stems[i:j]) if w not in self.stop_words]
                 if content:
                     out.append((" ".join(stems[i:j]), content))
         return list({k: c for k, c in out}.items())
@@ -206,7 +209,7 @@ class Index:
         word among many ("a list of the files in a folder") hardly does."""
         out: dict[int, float] = {}
         total = 0.0
-        for w in dict.fromkeys(self.stem(w) for w in content_words(query)):
+        for w in dict.fromkeys(self.stem(w) for w in self._content_words(query)):
             total += self._idf(w)
         for key, content in self.name_keys(query):
             entry = self._key_shard(key).get(key)
@@ -216,11 +219,14 @@ class Index:
             idf = 0.0
             for st in content:
                 idf += self._idf(st)
-            bonus = NAME_BONUS * max(0.0, idf - log_count) * idf / total
+            bonus = self.meta["name_bonus"] * max(0.0, idf - log_count) * idf / total
             for d in docs:
                 if bonus > out.get(d, 0.0):
                     out[d] = bonus
         return out
+
+    def _content_words(self, query: str) -> list[str]:
+        return content_words(query, self.stop_words, self.meta["max_query_terms"])
 
     def _idf(self, stem: str) -> float:
         entry = self._head(stem)["t"].get(stem)

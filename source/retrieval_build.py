@@ -46,7 +46,8 @@ from tqdm import tqdm
 from source.corpus.build import iter_records
 from source.files import sha256_file
 from source.retrieval import (B, DEFAULT_EXCLUDED, FORMAT, K1, KEY_ALIASES, MAX_QUERY_TERMS, PASSAGES_PER_SHARD,
-                              STOP_WORDS, TEXT_WEIGHT, TITLE_WEIGHT, ARTICLES, _IDENT, aliased_words, shard_of, words)
+                              STOP_WORDS, TEXT_WEIGHT, TITLE_WEIGHT, ARTICLES, MAX_NAME_QUERY_WORDS, MAX_NAME_WORDS,
+                              NAME_BONUS, _IDENT, aliased_words, shard_of, words)
 
 TERM_SHARD_BYTES = 96 * 1024  # target size of one terms/NNN.bin
 KEY_SHARD_BYTES = 16 * 1024  # keys/NNN.json: a query looks up many keys, so these stay small
@@ -224,7 +225,8 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
                 "term_shards": shards, "key_shards": key_shards, "passages_per_shard": passages_per_shard, "text_shards": text_shards,
                 "sources": source_names, "origins": origin_names, "counts": counts,
                 "stop_words": sorted(STOP_WORDS), "max_query_terms": MAX_QUERY_TERMS,
-                "key_aliases": [list(a) for a in KEY_ALIASES], "max_chars": max_chars,
+                "key_aliases": [list(a) for a in KEY_ALIASES], "articles": sorted(ARTICLES), "name_bonus": NAME_BONUS,
+                "max_name_words": MAX_NAME_WORDS, "max_name_query_words": MAX_NAME_QUERY_WORDS, "max_chars": max_chars,
                 "manifest_sha256": sha256_file(manifest), "data_dir": str(data),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         meta_bytes = (json.dumps(meta, ensure_ascii=False, indent=1) + "\n").encode("utf-8")

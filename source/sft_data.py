@@ -241,15 +241,17 @@ def _chitchat(records: list[dict], quota: int, seed: int, tokenizer, max_tokens:
 def add_retrieved_context(examples: list[dict], index, rng: random.Random, tokenizer, max_tokens: int,
                           share: float = CHITCHAT_CONTEXT_SHARE) -> int:
     """Give `share` of the chit-chat examples the passages the runtime would retrieve for their last user
-    turn. The reply stays the same and cites nothing: without this the model only ever saw passages
+    turn (source.prompt.retrieval_query). The reply stays the same and cites nothing: without this the model only ever saw passages
     next to questions and answered "Hi! How are you?" with "I don't know". Returns how many got them."""
     added = 0
     for ex in examples:
         if ex["meta"]["kind"] != "chitchat" or ex.get("context") or rng.random() >= share:
             continue
-        last_user = [m["content"] for m in ex["messages"] if m["role"] == "user"][-1]
+        from source.prompt import retrieval_query  # source.prompt lays examples out with this module
+
+        upto = max(i for i, m in enumerate(ex["messages"]) if m["role"] == "user")
         trial = dict(ex)
-        if fit_budget(trial, index.search(last_user, K), tokenizer, max_tokens) and trial.get("context"):
+        if fit_budget(trial, index.search(retrieval_query(ex["messages"][:upto + 1]), K), tokenizer, max_tokens) and trial.get("context"):
             ex["context"] = trial["context"]
             added += 1
     return added

@@ -192,8 +192,8 @@ def test_eval_torch_and_onnx(tiny_base, tiny_workspace, tiny_index, tiny_export,
     for run in report["paths"].values():
         _check_path(run, 6)
     assert len(report["paths"]["torch"]["model_sha256"]) == 64 and len(report["paths"]["onnx"]["onnx_sha256"]) == 64
-    assert report["paths"]["torch"]["retrieval"].startswith("sqlite")
-    assert report["paths"]["onnx"]["retrieval"].startswith("export")
+    assert report["paths"]["torch"]["retrieval"] == str(tiny_index)
+    assert report["paths"]["onnx"]["retrieval"] == str(tiny_export / "index")
     a = report["agreement"]["torch-onnx"]
     assert a["n"] == 6 and a["same"] + len(a["differ"]) == 6
     assert "| **overall** |" in r.output and "| metric | torch | onnx |" in r.output and "agreement torch-onnx" in r.output
@@ -201,18 +201,17 @@ def test_eval_torch_and_onnx(tiny_base, tiny_workspace, tiny_index, tiny_export,
     r = CliRunner().invoke(builder_main, ["eval", "--questions", str(questions), "--via", "onnx", "--export",
                                           str(tiny_export), "--limit", "1", "--out", str(out), "--quiet"])
     assert r.exit_code == 1 and "language-001: cannot fit a prompt" in r.output, r.output
-    # a seeded sample: the same items for the same seed, file order kept; sqlite retrieval for onnx
+    # a seeded sample: the same items for the same seed, file order kept
     runner = CliRunner()
     picked = []
     for _ in range(2):
         r = runner.invoke(builder_main, ["eval", "--questions", str(questions), "--via", "onnx", "--export",
-                                         str(tiny_export), "--onnx-retrieval", "sqlite", "--index", str(tiny_index),
-                                         "--sample", "3", "--seed", "7", "--max-new-tokens", "8", "--out", str(out),
+                                         str(tiny_export), "--sample", "3", "--seed", "7", "--max-new-tokens", "8", "--out", str(out),
                                          "--quiet"])
         assert r.exit_code == 0, r.output
         run = json.loads(out.read_text())["natural"]["paths"]["onnx"]
         picked.append([it["id"] for it in run["items"]])
-        assert run["retrieval"].startswith("sqlite") and "agreement" not in json.loads(out.read_text())["natural"]
+        assert run["retrieval"].endswith("index") and "agreement" not in json.loads(out.read_text())["natural"]
     assert picked[0] == picked[1] and len(picked[0]) == 3
     ids = [json.loads(line)["id"] for line in questions.read_text().splitlines()]
     assert picked[0] == [i for i in ids if i in picked[0]]

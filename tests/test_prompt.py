@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from source.prompt import MIN_PASSAGE_CHARS, build_prompt, cited_numbers, defuse_special_tokens
+from source.prompt import MIN_PASSAGE_CHARS, build_prompt, cited_numbers, defuse_special_tokens, retrieval_query
 from source.sft_data import DEFAULT_SYSTEM_PROMPT, clip_text, prepare_context
 from source.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -94,6 +94,16 @@ def test_special_token_strings_in_messages_are_not_special(tok):
         assert sum(i in layout_ids for i in ids) == sum(i in layout_ids for i in plain), text
         assert not any(t in defuse_special_tokens(text) for t in SPECIAL_TOKENS), text
     assert defuse_special_tokens("plain <b>text</b>") == "plain <b>text</b>"
+
+
+def test_retrieval_query_adds_the_turn_a_follow_up_refers_to():
+    msgs = [{"role": "user", "content": "what does json.dumps do"}, {"role": "assistant", "content": "It serializes [1]."},
+            {"role": "user", "content": "and how do i read it back?"}]
+    assert retrieval_query(msgs) == "and how do i read it back?\nwhat does json.dumps do"
+    assert retrieval_query(msgs[:1]) == "what does json.dumps do"
+    assert retrieval_query([{"role": "system", "content": "s"}, *msgs[:1]]) == "what does json.dumps do"
+    with pytest.raises(ValueError, match="end with a user message"):
+        retrieval_query(msgs[:2])
 
 
 def test_cited_numbers():
@@ -201,7 +211,8 @@ def _python_case(tok: Tokenizer, case: dict) -> tuple[dict, list[dict]]:
                          case["max_seq_len"])
     except ValueError as e:
         return {"error": str(e)}, passages
-    return {"ids": p.ids, "messages": p.messages, "passages": p.passages, "question": p.question}, passages
+    return {"ids": p.ids, "messages": p.messages, "passages": p.passages, "question": p.question,
+            "query": retrieval_query(case["messages"], case["system_prompt"])}, passages
 
 
 def test_prompt_js_builds_the_same_prompts_as_python(tok, node_results):
@@ -217,6 +228,7 @@ def test_prompt_js_builds_the_same_prompts_as_python(tok, node_results):
         assert got["messages"] == want["messages"], f"case {i}: laid-out messages differ"
         assert got["passages"] == want["passages"], f"case {i}: shown passages differ"
         assert got["question"] == want["question"], f"case {i}: question differs"
+        assert got["query"] == want["query"], f"case {i}: retrieval query differs"
         assert got["ids"] == want["ids"], f"case {i}: prompt ids differ"
         assert len(want["ids"]) <= case["max_seq_len"] - case["max_new_tokens"]
     # the cases exercise every step of the budget (and both refusals), so a port that skips one fails here

@@ -1,11 +1,10 @@
-"""Retrieval: real corpora -> real SQLite FTS5 files -> search. No mocks."""
+"""Retrieval: real corpora -> real index folders -> search. No mocks."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from click.testing import CliRunner
 
 from builder.cli import main
 from source.corpus.build import build_corpus, iter_records
-from source.retrieval import (Index, Passage, build_index, chunk_text, construct_keywords, fts_query, other_number,
-                              title_candidates, title_key)
+from source.retrieval import Index, Passage, content_words, words
+from source.retrieval_build import build_index, chunk_text, record_names
 from source.tokenizer import format_context
 
 FROB = """The Frobnicator Manual
@@ -58,9 +57,9 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def index_path(corpus, tmp_path_factory) -> Path:
-    db = tmp_path_factory.mktemp("idx") / "index.sqlite"
-    build_index(corpus, db, progress=False)
-    return db
+    out = tmp_path_factory.mktemp("idx") / "index"
+    build_index(corpus, out, progress=False)
+    return out
 
 
 def records(data: Path) -> dict[str, dict]:
@@ -98,53 +97,71 @@ def test_chunks_prefer_paragraph_then_sentence_breaks():
 
 # ----------------------------------------------------------------------------- build
 
+def all_passages(ix: Index) -> list[Passage]:
+    return [ix.passage(d) for d in range(len(ix))]
+
+
 def test_index_covers_every_record_with_stable_ids(corpus, index_path, tmp_path):
     recs = records(corpus)
-    con = sqlite3.connect(index_path)
-    rows = con.execute("SELECT id, title, source, origin, text FROM passages ORDER BY rowid").fetchall()
+    ix = Index(index_path)
     by_record: dict[str, list[tuple]] = {}
-    for row in rows:
-        rid, n = row[0].rsplit("#", 1)
-        by_record.setdefault(rid, []).append((int(n), *row[1:]))
+    for p in all_passages(ix):
+        rid, n = p.id.rsplit("#", 1)
+        by_record.setdefault(rid, []).append((int(n), p.title, p.source, p.origin, p.text))
     assert {r["source"] for r in recs.values()} >= {"pydoc-topics", "docs"}
     expected = {i for i, r in recs.items() if r["source"] != "chitchat"}  # chitchat is off by default
     assert set(by_record) == expected
     for rid, parts in by_record.items():
         r = recs[rid]
-        assert [p[0] for p in sorted(parts)] == list(range(len(parts)))  # ids "{record}#0", "#1", ...
+        assert [p[0] for p in parts] == list(range(len(parts)))  # ids "{record}#0", "#1", ... consecutive
         assert all(p[1] == r["title"] and p[2] == r["source"] and p[3] == r["origin"] for p in parts)
         assert all(len(p[4]) <= 600 for p in parts)
-        assert squash("".join(p[4] for p in sorted(parts))) == squash(r["text"])
+        assert squash("".join(p[4] for p in parts)) == squash(r["text"])
     assert len(by_record["user:frob.md:0"]) > 1  # the manual is long enough to be cut
-
-    again = tmp_path / "again.sqlite"
+    again = tmp_path / "again"
     build_index(corpus, again, progress=False)
-    assert sqlite3.connect(again).execute("SELECT id, text FROM passages ORDER BY id").fetchall() == \
-        con.execute("SELECT id, text FROM passages ORDER BY id").fetchall()
+    files = sorted(p.relative_to(index_path) for p in index_path.rglob("*") if p.is_file() and p.name != "meta.json")
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file() and p.name != "meta.json")
+    assert all((index_path / f).read_bytes() == (again / f).read_bytes() for f in files)  # a rebuild is identical
 
 
 def test_meta_and_stats(corpus, tmp_path):
-    stats = build_index(corpus, tmp_path / "i.sqlite", sources=("docs",), max_chars=200, progress=False)
+    stats = build_index(corpus, tmp_path / "i", sources=("docs",), max_chars=200, progress=False)
     assert set(stats["counts"]) == {"docs"} and stats["passages"] == stats["counts"]["docs"]
-    assert stats["bytes"] == (tmp_path / "i.sqlite").stat().st_size and stats["seconds"] >= 0
-    ix = Index(tmp_path / "i.sqlite")
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "i").rglob("*") if p.is_file())
+    assert stats["bytes"]["total"] == on_disk and stats["seconds"] >= 0
+    ix = Index(tmp_path / "i")
     assert ix.meta["manifest_sha256"] == hashlib.sha256((corpus / "manifest.json").read_bytes()).hexdigest()
     assert ix.meta["max_chars"] == 200 and ix.meta["counts"] == stats["counts"] and ix.meta["created"]
     assert len(ix) == stats["passages"] and ix.meta["records"] == len(NOTES) + 1
     assert {p.source for p in ix.search("frobnicate the widget gizmo", k=10)} == {"docs"}
 
 
-def test_failed_build_leaves_the_old_index(corpus, index_path, tmp_path):
-    db = tmp_path / "index.sqlite"
-    build_index(corpus, db, progress=False)
-    before = db.read_bytes()
+def test_failed_build_leaves_the_old_index(corpus, tmp_path):
+    out = tmp_path / "index"
+    build_index(corpus, out, progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(FileNotFoundError, match="builder data build"):
-        build_index(tmp_path / "no-corpus", db, progress=False)
+        build_index(tmp_path / "no-corpus", out, progress=False)
     with pytest.raises(ValueError, match="nothing to index"):
-        build_index(corpus, db, sources=("no-such-source",), progress=False)
-    assert db.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.sqlite"]  # no temp files left behind
-    assert Index(db).get("user:frob.md:0#0") is not None
+        build_index(corpus, out, sources=("no-such-source",), progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temp folders left behind
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a retrieval index folder"):  # never replace someone's folder
+        build_index(corpus, tmp_path / "notes", progress=False)
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+def test_record_names_come_from_the_layouts_the_readers_write():
+    assert record_names("for", 'The "for" statement\n*******************\n\nThe "for" statement is') == \
+        ['The "for" statement']
+    assert record_names("recursion", "recursion (also: recurse, recursive)\n\n<programming> When a function") == \
+        ["recurse", "recursive"]
+    assert record_names("long-winded", 'long-winded (adjective): using too many words. Also: verbose, wordy. '
+                                       'Examples: "a long-winded speaker".') == ["verbose", "wordy"]
+    assert record_names("Quokka care", "Quokkas eat leaves. Also: they sleep.") == []
 
 
 # ----------------------------------------------------------------------------- search
@@ -156,26 +173,10 @@ def test_identifier_and_natural_language_queries(index_path):
     top = ix.search("how many times is a failed tweak retried by the gizmo queue?", k=3)
     assert top[0].id.startswith("user:frob.md:0#")
     assert "Quokkas" in ix.search("what do quokkas eat")[0].text
-    con = sqlite3.connect(index_path)
-    for (title,) in con.execute("SELECT title FROM passages WHERE source = 'pydoc-topics' AND chunk = 0"):
-        assert ix.search(title, k=1)[0].title == title  # "for", "with": a stop word alone still searches
     hits = ix.search("frobnicate gizmo tweak widget", k=5)
     assert len({h.id.rsplit("#", 1)[0] for h in hits}) == len(hits)  # one passage per record
     assert all(isinstance(h, Passage) and h.score > 0 for h in hits)
     assert ix.search("zzzqqq nonexistentword") == [] and ix.search("frobnicate", k=0) == []
-
-
-def test_define_finds_the_wordnet_entry(tiny_workspace, tmp_path):
-    db = tmp_path / "w.sqlite"
-    build_index(tiny_workspace["data"], db, progress=False)
-    ix = Index(db)
-    con = sqlite3.connect(db)
-    titles = [t for (t,) in con.execute("SELECT title FROM passages WHERE source = 'wordnet' AND title GLOB "
-                                        "'[a-z][a-z][a-z][a-z]*' AND title NOT GLOB '*[^a-z]*' LIMIT 40")]
-    assert len(titles) >= 20
-    for t in titles:
-        for q in (f"define {t}", f"What does '{t}' mean?"):
-            assert title_key(ix.search(q)[0].title) == t, q
 
 
 def pydoc_topics_and_notes_index(tmp_path: Path, notes: list[dict]) -> Index:
@@ -188,78 +189,60 @@ def pydoc_topics_and_notes_index(tmp_path: Path, notes: list[dict]) -> Index:
         {"name": "pydoc-topics", "license": "PSF-2.0"},
         {"name": "docs", "reader": "user", "path": "docs", "license": "CC0-1.0"}]}))
     build_corpus(tmp_path / "recipe.json", tmp_path / "corpus", val_fraction=0.1, progress=False)
-    build_index(tmp_path / "corpus", tmp_path / "ix.sqlite", progress=False)
-    return Index(tmp_path / "ix.sqlite")
+    build_index(tmp_path / "corpus", tmp_path / "ix", progress=False)
+    return Index(tmp_path / "ix")
 
 
-def test_keywords_named_as_constructs_find_the_python_topic(tmp_path):
-    """"for", "while", "with" are stop words; "the for statement" still names the pydoc topic "for",
-    and a record of another source titled "while" is not pulled in by the keyword."""
-    ix = pydoc_topics_and_notes_index(tmp_path, [{"title": "while", "text": "While the kettle boils, write the "
-                                                   "statement of accounts and loop the ribbon twice."}])
-    assert construct_keywords("How does the for statement work in Python?") == ["for"]
-    assert construct_keywords("Is there a good name for a variable?") == []  # "for" + "a": not a construct
-    assert construct_keywords("for") == [] and construct_keywords("try statements, try blocks") == ["try"]
-    for kw, q in [("for", "How does the for statement work in Python?"), ("while", "How do I write a while loop?"),
-                  ("with", "What does the with statement do?"), ("lambda", "What is a lambda expression?"),
-                  ("try", "Explain try clauses."), ("return", "the return statement")]:
-        assert ix.search(q)[0].id == f"pydoc:topic:{kw}#0", q
-    # the user note titled "while" has the words too, and your own files come first among exact titles,
-    # but the keyword is looked up among Python titles only
-    assert ix.search("the while statement")[0].id == "pydoc:topic:while#0"
-    assert ix.search("while")[0].id == "user:notes.jsonl:1#0"  # named as a title, your own file comes first
-
-
-def test_titles_match_in_either_number_and_without_context_words(tmp_path):
-    """"What is slicing in Python?" names the pydoc topic "slicings"; "regular expressions" names an
-    entry titled "regular expression". Without the exact-title variants, notes that repeat the query's
-    words in their titles rank first."""
+def test_names_spelled_by_the_query_win_over_notes_that_repeat_its_words(tmp_path):
+    """A heading is a name ('The "for" statement'), stems match across number ("regular
+    expressions"), identifiers match only as written (json.dumps is not json.dump)."""
     ix = pydoc_topics_and_notes_index(tmp_path, [
         {"title": "regular expression", "text": "A pattern that matches a set of strings."},
-        {"title": "Slicing Python bread and Python cheese", "text": "Slicing in Python kitchens."},
-        {"title": "Regular expressions of regular folk", "text": "Regular expressions, said regularly."}])
-    pairs = [("expressions", "expression"), ("slicing", "slicings"), ("class", "classes"),
-             ("library", "libraries"), ("box", "boxes"), ("key", "keys")]
-    for a, b in pairs:
-        assert other_number(a) == b and other_number(b) == a, (a, b)
-    assert title_candidates("What is slicing in Python?") == ["slicing python", "slicing pythons", "slicing",
-                                                             "slicings"]
-    assert title_candidates("What does json.dumps do?") == ["json dumps"]  # json.dump is another function
-    assert ix.search("What is slicing in Python?")[0].id == "pydoc:topic:slicings#0"
+        {"title": "Work log", "text": "The statement of work for the Python team went out; statements follow."},
+        {"title": "Regular expressions of regular folk", "text": "Regular expressions, said regularly."},
+        {"title": "json.dump", "text": "json.dump(obj, fp)\n\nSerialize obj as a JSON stream to fp."},
+        {"title": "json.dumps", "text": "json.dumps(obj)\n\nSerialize obj to a JSON formatted str."},
+        {"title": "Slicing Python bread", "text": "Slicing bread, Python style."}])
+    named = {ix.passage(d).id for d in ix.named("How does the for statement work in Python?")}
+    assert "pydoc:topic:for#0" in named and "user:notes.jsonl:2#0" not in named  # its heading is a name
     assert ix.search("What are regular expressions?")[0].id == "user:notes.jsonl:1#0"
-    assert ix.search("What are regular expressions in Python?")[0].id == "user:notes.jsonl:1#0"
+    assert ix.search("What does json.dumps do?")[0].id == "user:notes.jsonl:5#0"
+    assert ix.search("What does json.dump do?")[0].id == "user:notes.jsonl:4#0"
+    assert ix.search("slicings")[0].id == "pydoc:topic:slicings#0"
+    keys = dict(ix.name_keys("what does json.dumps do"))
+    assert "=json dumps" in keys and "json dump" in keys  # the identifier as written, its words stemmed
 
 
-def test_fts_syntax_in_queries_never_raises(index_path):
+def test_query_words_and_stop_words():
+    assert words("Naïve CAFÉ json.dumps() skip_keys") == ["naive", "cafe", "json", "dumps", "skip", "keys"]
+    assert content_words("What is the for statement?") == ["statement"]
+    assert content_words("for the") == ["for", "the"]  # only stop words: search them anyway
+    assert content_words("a b a b c") == ["b", "c"]
+
+
+def test_hostile_queries_never_raise(index_path):
     ix = Index(index_path)
-    for q in NASTY:
+    for q in NASTY + ["constructor", "toString __proto__", "hasOwnProperty"]:
         got = ix.search(q, k=3)
         assert isinstance(got, list) and len(got) <= 3
     assert ix.search("") == [] and ix.search("?!.,;") == [] and ix.search("*") == []
-    assert fts_query('json.dumps() AND "x" -y*') == '"json" OR "dumps" OR "x" OR "y"'
-    assert fts_query("What is the for statement?") == '"statement"' and fts_query("for") == '"for"'
-    assert title_candidates("What does json.dumps() do?") == ["json dumps"]
-    assert title_candidates("define ephemeral") == ["ephemeral", "ephemerals"]
-    assert title_candidates("with") == ["with", "withs"] and title_candidates("?!") == []
-    assert ix.search('-frobnicate')[0].source == "docs"  # the minus is not NOT
+    assert ix.search('-frobnicate')[0].source == "docs"  # no query syntax: the minus is text
 
 
 def test_source_filter(index_path):
     ix = Index(index_path)
     assert {p.source for p in ix.search("frobnicate widget statement", k=10, sources=("docs",))} == {"docs"}
     assert all(p.source == "pydoc-topics" for p in ix.search("frobnicate statement", k=10, sources=("pydoc-topics",)))
-    assert ix.search("widget.frobnicate", sources=("pydoc-topics",)) == [] or \
-        ix.search("widget.frobnicate", sources=("pydoc-topics",))[0].source == "pydoc-topics"
+    assert all(p.source == "pydoc-topics" for p in ix.search("widget.frobnicate", sources=("pydoc-topics",)))
     assert ix.search("frobnicate", sources=()) == [] and ix.search("frobnicate", sources=("nope",)) == []
     assert ix.search("conversation", sources=("chitchat",)) == []  # not indexed by default
 
 
-def test_get_len_to_dict_and_threads(index_path):
+def test_passages_len_to_dict_and_threads(index_path):
     ix = Index(index_path)
-    p = ix.get("user:notes.jsonl:2#0")
+    p = ix.search("quokka care", k=1)[0]
     assert p.title == "Quokka care" and p.source == "docs" and p.origin.endswith("notes.jsonl")
-    assert ix.get("user:notes.jsonl:2#99") is None and ix.get("") is None
-    assert len(ix) == sqlite3.connect(index_path).execute("SELECT count(*) FROM passages").fetchone()[0]
+    assert len(ix) == ix.meta["docs"] == len(all_passages(ix))
     d = p.to_dict()
     assert set(d) == {"id", "title", "source", "origin", "text", "score"}
     assert format_context([d]).startswith("[1] Quokka care\nQuokkas eat")
@@ -268,7 +251,7 @@ def test_get_len_to_dict_and_threads(index_path):
     def worker():
         try:
             for _ in range(20):
-                assert ix.search("widget.frobnicate")[0].id == "user:notes.jsonl:1#0"
+                assert Index.search(ix, "widget.frobnicate")[0].id == "user:notes.jsonl:1#0"
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -280,48 +263,51 @@ def test_get_len_to_dict_and_threads(index_path):
     assert not errors
 
 
-def test_missing_or_corrupt_index_is_a_clear_error(tmp_path, index_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.sqlite.*builder index build"):
-        Index(tmp_path / "nope.sqlite")
-    bad = tmp_path / "bad.sqlite"
-    bad.write_bytes(b"this is not a database " * 100)
-    with pytest.raises(ValueError, match=r"bad\.sqlite.*builder index build"):
+def test_missing_old_or_corrupt_index_is_a_clear_error(tmp_path, index_path):
+    with pytest.raises(FileNotFoundError, match=r"nope.*builder index build"):
+        Index(tmp_path / "nope")
+    old = tmp_path / "index.sqlite"
+    old.write_bytes(b"SQLite format 3\x00" + b"x" * 100)
+    with pytest.raises(ValueError, match=r"index\.sqlite is a file.*builder index build"):
+        Index(old)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad.*builder index build"):
         Index(bad)
-    other = tmp_path / "other.sqlite"
-    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
-    with pytest.raises(ValueError, match=r"other\.sqlite"):
-        Index(other)
-    before = index_path.read_bytes()
+    (bad / "meta.json").write_text(json.dumps({"format": "supermix-bm25-v1"}))
+    with pytest.raises(ValueError, match=r"format 'supermix-bm25-v1'"):
+        Index(bad)
+    before = {p: p.read_bytes() for p in index_path.rglob("*") if p.is_file()}
     Index(index_path).search("frobnicate")  # read-only: searching never writes
-    assert index_path.read_bytes() == before
+    assert {p: p.read_bytes() for p in index_path.rglob("*") if p.is_file()} == before
 
 
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_build_and_search(corpus, tmp_path):
-    db = tmp_path / "cli.sqlite"
+    out = tmp_path / "cli-index"
     runner = CliRunner()
-    r = runner.invoke(main, ["index", "build", "--data", str(corpus), "--out", str(db), "--quiet",
+    r = runner.invoke(main, ["index", "build", "--data", str(corpus), "--out", str(out), "--quiet",
                              "--max-chars", "300"])
     assert r.exit_code == 0, r.output
     assert re.search(r"docs\s+\d+", r.stdout) and "total" in r.stdout and "chitchat" not in r.stdout
-    r = runner.invoke(main, ["index", "search", "What does widget.frobnicate do?", "--index", str(db), "-k", "2"])
+    r = runner.invoke(main, ["index", "search", "What does widget.frobnicate do?", "--index", str(out), "-k", "2"])
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("[1] user:notes.jsonl:1#0") and "[2]" in r.stdout and "[3]" not in r.stdout
-    r = runner.invoke(main, ["index", "search", "zzzqqq", "--index", str(db)])
+    r = runner.invoke(main, ["index", "search", "zzzqqq", "--index", str(out)])
     assert r.exit_code == 0 and "no passages" in r.stdout
     if any(r["source"] == "chitchat" for r in records(corpus).values()):  # when chitchat-dataset is installed
-        r = runner.invoke(main, ["index", "build", "--data", str(corpus), "--out", str(tmp_path / "c.sqlite"),
+        r = runner.invoke(main, ["index", "build", "--data", str(corpus), "--out", str(tmp_path / "c"),
                                  "--sources", "chitchat", "--quiet"])
         assert r.exit_code == 0 and "chitchat" in r.stdout
 
 
 def test_cli_user_errors(tmp_path):
     runner = CliRunner()
-    r = runner.invoke(main, ["index", "build", "--data", str(tmp_path / "missing"),
-                             "--out", str(tmp_path / "i.sqlite")])
+    r = runner.invoke(main, ["index", "build", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "i")])
     assert r.exit_code == 1 and "builder data build" in r.output and "Traceback" not in r.output
-    r = runner.invoke(main, ["index", "search", "x", "--index", str(tmp_path / "i.sqlite")])
+    r = runner.invoke(main, ["index", "search", "x", "--index", str(tmp_path / "i")])
     assert r.exit_code == 1 and "builder index build" in r.output
     r = runner.invoke(main, ["index", "build", "--help"])
     assert r.exit_code == 0 and "Examples" in r.output and "builder index build" in r.output

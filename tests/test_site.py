@@ -10,7 +10,6 @@ Content-Security-Policy (kept on in the test) forbids the string eval `wait_for_
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,14 +19,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-NODE = shutil.which("node")
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run"]
-QUERIES = ["What is a closure?", "define ephemeral", "json.dumps", "the of and", "naïve Café", "list comprehension",
-           "What does the word serendipity mean?", "__init__ method", "dogs and cats", "", "x", "日本語",
-           "How does the for statement work?", "What is a lambda expression?", "the while loop", "try statements",
-           "What is slicing in Python?", "What are closures in programming?", "regular expressions", "os.path.join()"]
 needs_npm = pytest.mark.skipif(not (REPO / "web_static/node_modules/@huggingface/transformers").is_dir(),
                                reason="run `npm ci --ignore-scripts` in web_static")
 
@@ -54,32 +48,6 @@ def site(tiny_export, tmp_path_factory) -> Path:
     (card.parent / "loss_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     build_site(tiny_export, root / "site", card=card)
     return root / "site"
-
-
-# ----------------------------------------------------------------------------- browser index
-
-def test_browser_index_matches_js_and_fts(tiny_index, tmp_path):
-    from builder.browser_index import BrowserIndex, write_browser_index
-    from source.retrieval import Index
-
-    stats = write_browser_index(tiny_index, tmp_path / "index", passages_per_shard=100)
-    assert stats["docs"] == len(Index(tiny_index)) and stats["bytes"]["total"] > 0
-    py = BrowserIndex(tmp_path / "index")
-    expected = [[{"id": p.id, "score": p.score} for p in py.search(q, 5)] for q in QUERIES]
-    for kw in ("for", "lambda", "while", "try"):  # keywords named as constructs: the pydoc topic first
-        assert next(e for q, e in zip(QUERIES, expected) if f"{kw} " in q)[0]["id"] == f"pydoc:topic:{kw}#0"
-    assert expected[QUERIES.index("What is slicing in Python?")][0]["id"] == "pydoc:topic:slicings#0"  # other number
-    if NODE:
-        run = subprocess.run([NODE, str(REPO / "tests/js/search.mjs"), str(tmp_path / "index"), "5"],
-                             input=json.dumps(QUERIES), capture_output=True, text=True, timeout=60)
-        assert run.returncode == 0, run.stderr
-        assert json.loads(run.stdout) == expected  # same ids, same order, same scores
-    fts = Index(tiny_index)
-    hits = [q for q in QUERIES if fts.search(q, 5)]
-    overlap = [len({p["id"] for p in e} & {p.id for p in fts.search(q, 5)}) / max(1, len(e))
-               for q, e in zip(QUERIES, expected) if q in hits]
-    assert sum(overlap) / len(overlap) >= 0.6, overlap  # a different stemmer, mostly the same passages
-    assert py.search("", 3) == [] and py.search("zzzzqqq", 3) == []
 
 
 # ----------------------------------------------------------------------------- builder site
@@ -124,7 +92,7 @@ def test_site_without_node_modules(tiny_export, tmp_path):
 def _reference(export: Path, messages: list[dict], max_new_tokens: int, dtype: str = "q8") -> dict:
     """runtime_python's reply on the same ONNX file and the same browser index: ids, text, sources."""
     import runtime_python.chat as chat
-    from builder.browser_index import BrowserIndex
+    from source.retrieval import Index
     from runtime_python.generation import GenerationConfig
     from runtime_python.onnx_backend import OnnxBackend
 
@@ -141,7 +109,7 @@ def _reference(export: Path, messages: list[dict], max_new_tokens: int, dtype: s
     chat.sample_next = record
     try:
         reply = list(chat.generate_stream(backend, messages, GenerationConfig(temperature=0, max_new_tokens=max_new_tokens),
-                                          index=BrowserIndex(export / "index")))[-1]
+                                          index=Index(export / "index")))[-1]
     finally:
         chat.sample_next = real
     return {"token_ids": [i for i in sampled if i not in end], "text": reply.text,

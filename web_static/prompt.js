@@ -69,6 +69,13 @@ export function splitMessages(messages, systemPrompt) {
   return [system.length ? system.join("\n\n") : systemPrompt, turns.slice(0, -1), turns.at(-1).content];
 }
 
+/** source.prompt.retrieval_query: the latest user message, then the user message before it. */
+export function retrievalQuery(messages, systemPrompt = "") {
+  const [, history, question] = splitMessages(messages, systemPrompt);
+  const earlier = history.filter((t) => t.role === "user").map((t) => t.content);
+  return earlier.length ? `${question}\n${earlier.at(-1)}` : question;
+}
+
 /** source.prompt.cited_numbers: "[2] and [1, 3]" -> [1, 2, 3]. */
 export function citedNumbers(text) {
   const out = new Set();

@@ -2,8 +2,8 @@
 // the prompt, sampling and streaming. Messages in: load, generate, stop. Out: progress, ready,
 // sources, delta, done, error. Every URL is relative to this file, so the site works under /REPO/.
 import { env, AutoTokenizer, AutoModelForCausalLM, InterruptableStoppingCriteria, Tensor } from "./vendor/transformers.js";
-import { BrowserIndex } from "./retrieval.js";
-import { buildPrompt, chatTokenizer, citedNumbers, prepareContext, splitMessages } from "./prompt.js";
+import { Index } from "./retrieval.js";
+import { buildPrompt, chatTokenizer, citedNumbers, prepareContext, retrievalQuery } from "./prompt.js";
 
 const here = (path) => new URL(path, self.location.href).href;
 let CACHE = null;  // "supermix-files-<cache_key>": the wasm and index shards; the model files go to
@@ -77,7 +77,7 @@ async function load(dtype) {
   const timed = (name, promise) => promise.finally(() => { steps[name] = Math.round(performance.now() - t0); });
   // tokenizer and index do not need the wasm: they load while it downloads and compiles
   const tokenizerReady = timed("tokenizer", AutoTokenizer.from_pretrained(site.model_id, { progress_callback: onFile }));
-  const indexReady = timed("index", site.index ? new BrowserIndex(here(site.index), (u) => cachedBytes(u)).load().catch((e) => {
+  const indexReady = timed("index", site.index ? new Index(here(site.index), (u) => cachedBytes(u)).load().catch((e) => {
     post({ type: "warning", message: `retrieval off: ${e.message}` });
     return null;
   }) : Promise.resolve(null));
@@ -145,7 +145,7 @@ async function generate({ id, messages, settings }) {
   const t0 = performance.now();
   const cfg = { temperature: 0.7, top_p: 0.9, top_k: 0, max_new_tokens: 256, retrieval: true, k: 3, seed: null,
                 ...settings };
-  const question = splitMessages(messages, site.system_prompt)[2];  // source.prompt: what retrieval searches
+  const question = retrievalQuery(messages, site.system_prompt);  // source.prompt.retrieval_query
   const found = index && cfg.retrieval && cfg.k > 0 ? await index.search(question, cfg.k) : [];
   const passages = prepareContext(found, site.passage_chars);
   const { ids, passages: shown } = buildPrompt(chatTokenizer(tokenizer), messages, passages, site.system_prompt,

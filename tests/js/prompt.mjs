@@ -4,7 +4,7 @@
 import { readFile } from "node:fs/promises";
 import { basename, dirname } from "node:path";
 import { env, AutoTokenizer } from "../../web_static/node_modules/@huggingface/transformers/dist/transformers.js";
-import { buildPrompt, chatTokenizer, citedNumbers, clipText, defuseSpecialTokens, prepareContext } from "../../web_static/prompt.js";
+import { buildPrompt, chatTokenizer, citedNumbers, clipText, defuseSpecialTokens, prepareContext, retrievalQuery } from "../../web_static/prompt.js";
 
 const [dir] = process.argv.slice(2);
 env.allowRemoteModels = false;  // as in web_static/worker.js: never the Hub
@@ -24,7 +24,8 @@ const cases = input.cases.map((c) => {
     const passages = c.prepare_chars === null ? c.passages : prepareContext(c.passages, c.prepare_chars);
     const p = buildPrompt(tok, c.messages, passages, c.system_prompt, c.max_new_tokens, c.max_seq_len,
                           input.min_passage_chars);
-    return { ids: p.ids, messages: p.messages, passages: p.passages, question: p.question };
+    return { ids: p.ids, messages: p.messages, passages: p.passages, question: p.question,
+             query: retrievalQuery(c.messages, c.system_prompt) };
   } catch (e) {
     return { error: String(e?.message || e) };
   }
