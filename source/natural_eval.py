@@ -165,8 +165,13 @@ def quote_check(sentence: str, passages: list[str]) -> tuple[bool, bool]:
     quotes = any(len(words & set(content_words(p))) / len(words) >= QUOTE_MIN_OVERLAP for p in passages)
     if not quotes:
         return False, False
-    core = sentence[:-1].rstrip() if sentence.endswith(".") else sentence
-    return True, any(core in _norm(p) for p in passages)
+    core = (sentence[:-1].rstrip() if sentence.endswith(".") else sentence).split(" ")
+    texts = [_norm(p) for p in passages]
+    for start in range(len(core) // 2 + 1):  # the copied part: from here to the end, at least half
+        tail = " ".join(core[start:])
+        if len(core) - start >= QUOTE_MIN_WORDS and any(tail in t for t in texts):
+            return True, True
+    return True, False
 
 
 def score_item(item: dict, reply: str, cited_ids: list[str], shown: list[dict]) -> dict:

@@ -67,7 +67,12 @@ def test_copy_fidelity_sentences():
     assert quote_check("The for statement is used to  iterate over the elements of a sequence.", [PASSAGE]) == (True, True)
     # a paraphrase that leans on the passage quotes, but is not verbatim; case counts
     assert quote_check("The for statement is used to iterate over the items of a sequence.", [PASSAGE]) == (True, False)
-    assert quote_check("the for statement is used to iterate over the elements of a sequence", [PASSAGE]) == (True, False)
+    assert quote_check("the for statement is used to iterate over the elements of A sequence", [PASSAGE]) == (True, False)
+    # a framing opening is allowed, the copy itself must run exactly to the end
+    assert quote_check("for: The for statement is used to iterate over the elements of a sequence.", [PASSAGE]) == \
+        (True, True)
+    assert quote_check("for: The for statement is used to iterate over the elements of a sequense.", [PASSAGE]) == \
+        (True, False)
     # too short, or not from the passage: not a quote
     assert quote_check("Iterate over sequence.", [PASSAGE]) == (False, False)
     assert quote_check("Dogs like to play fetch in the park.", [PASSAGE]) == (False, False)
@@ -175,7 +180,8 @@ def _check_path(run: dict, n: int) -> None:
     assert run["metrics"]["overall"]["n"] == n and run["metrics"]["overall"]["n_answerable"] + \
         run["metrics"]["overall"]["n_no_answer"] + run["metrics"]["overall"]["n_chitchat"] == n
     for it in run["items"]:
-        assert isinstance(it["reply"], str) and it["shown"] and set(it["citations"]) <= set(it["shown"])
+        assert isinstance(it["reply"], str) and set(it["citations"]) <= set(it["shown"])
+        assert it["shown"] or it["kind"] in ("chitchat", "no-answer")  # questions about the corpus find passages
         assert it["finish_reason"] in ("stop", "length") and 0 <= it["completion_tokens"] <= 16
 
 
