@@ -66,6 +66,27 @@ def _num(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
 
 
+NATURAL_ROWS = (("correct (key facts + gold citation), answerable", "correct"),
+                ("refused although answerable", "refused_answerable"),
+                ("gold passage retrieved", "retrieval_hit"),
+                ("refused, no source answers", "refusal_on_no_answer"),
+                ("small talk answered", "chitchat_answered"),
+                ("copy fidelity", "copy_fidelity"))
+
+
+def _natural(path: Path) -> dict | None:
+    """The natural-question figures `builder release` stored beside the version, as table rows."""
+    if not path.is_file():
+        return None
+    nat = _json(path, "natural-question report").get("natural", {})
+    paths = nat.get("paths", {})
+    cell = lambda x: "-" if x is None else _num(x, 3)  # noqa: E731
+    rows = [(label, [cell(run["metrics"]["overall"].get(key)) for run in paths.values()])
+            for label, key in NATURAL_ROWS]
+    agree = ", ".join(f"{pair} {cell(a.get('share'))}" for pair, a in (nat.get("agreement") or {}).items())
+    return {"n_items": nat.get("n_items"), "paths": list(paths), "rows": rows, "agreement": agree}
+
+
 def _code_cell(token: str) -> str:
     # `<|end|>` in a table: GFM and Python-Markdown both split cells on its `|`, even inside backticks, and
     # disagree on `\|`; an HTML code element with entities renders the same in both
@@ -287,6 +308,7 @@ def card_context(registry: Registry, ref: str, export_dir: Path | None = None,
         "eval_counts": ", ".join(f"{ev[k]} {label}" for k, label in (("n_grounded", "grounded questions"),
                                                                     ("n_refusal", "no-answer items")) if k in ev),
         "samples": samples,
+        "natural": _natural(folder / "eval-natural.json"),
         "requirements": [("Python", f"{sys.version_info.major}.{sys.version_info.minor} (>= 3.11)"),
                          ("torch", _torch_version()),
                          ("RAM (weights + full KV cache)",

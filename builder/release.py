@@ -40,16 +40,23 @@ class Profile:
     sft_data: str  # chat examples folder
     sft_examples: int | None  # None: the generator's default
     eval_limit: int
+    natural_sample: int | None = None  # natural questions scored per path when the champion changes (None: all)
 
 
 PROFILES = {
     "default": Profile("default", "small", 8192, 550, 900, 1e-3, "models", "runs", "datasets/built/sft", None, 200),
-    "quick": Profile("quick", "tiny", 4096, 300, 150, 1e-3, "dist/quick/models", "dist/quick/runs", "dist/quick/sft", 4000, 40),
+    "quick": Profile("quick", "tiny", 4096, 300, 150, 1e-3, "dist/quick/models", "dist/quick/runs", "dist/quick/sft", 4000, 40,
+                     natural_sample=20),
 }
+NOT_TRAINING = ("registry", "runs", "sft_data", "natural_sample")  # profile fields the training lock ignores
 LOCK = "release.lock.json"  # inside the profile's registry folder
 DIST = Path("dist")
 DATA, INDEX = Path("datasets/built/default"), Path("datasets/built/index")
 RECIPE = Path("datasets/recipes/default.json")
+QUESTIONS = Path("datasets/eval/natural.jsonl")
+NATURAL = "eval-natural.json"  # in the champion's folder: its natural questions through torch, onnx and the site
+SITE_CHECK = 50  # a cached release re-asks this many natural questions through the site
+NATURAL_NEW_TOKENS = 128  # longest reply scored: the answers are a sentence or two, and it fits a 256-token window
 
 
 def digest(*parts: object) -> str:
@@ -87,11 +94,19 @@ class Release:
         self.state_path = DIST / f"release-state-{profile.name}.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.report: list[dict] = []
+        self.natural: dict | None = None  # figures for the release manifest
 
     # -- the lock that lets a clean clone skip training
 
     def training_inputs(self) -> str:
-        return digest(RECIPE, {k: v for k, v in asdict(self.p).items() if k not in ("registry", "runs", "sft_data")})
+        return digest(RECIPE, {k: v for k, v in asdict(self.p).items() if k not in NOT_TRAINING})
+
+    def natural_inputs(self) -> str:
+        """What the champion's natural figures depend on: the model, the shipped int8 file, the index's
+        files (not its meta.json, which records when it was built), the page's code and the questions."""
+        web = sorted(p for p in Path("web_static").glob("*") if p.is_file())
+        return digest(self.champion_dir() / "model.pth", self.export / "onnx" / "model_quantized.onnx", QUESTIONS,
+                      *(INDEX / part for part in ("docs.bin", "terms", "keys", "text")), *web, self.p.natural_sample)
 
     def lock(self) -> dict | None:
         path = self.registry / LOCK
@@ -153,7 +168,7 @@ class Release:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "champion": self.champion_dir().name, "model_version": manifest.get("model_version"),
             "versions": manifest.get("versions"), "gates": manifest["gates"], "speed": manifest.get("speed"),
-            "stages": self.report, "seconds": round(time.perf_counter() - started, 1),
+            "natural": self.natural, "stages": self.report, "seconds": round(time.perf_counter() - started, 1),
             "hashes": {"export_manifest": sha256_file(self.export / "manifest.json"),
                        "card": sha256_file(self.card), "registry": sha256_file(self.registry / "registry.json")},
         }
@@ -193,6 +208,42 @@ def _registry(r: Release) -> None:
     r.write_lock()
 
 
+def _natural(r: Release) -> None:
+    """The champion's natural questions through torch, the int8 ONNX file and the site in Chromium, once per
+    champion (stored beside it, keyed by `natural_inputs`); a cached release re-asks SITE_CHECK of them
+    through the site and compares the replies with the stored ones."""
+    if not QUESTIONS.is_file():
+        r.log(f"release: no {QUESTIONS}; natural questions skipped")
+        return
+    stored_path, key = r.champion_dir() / NATURAL, r.natural_inputs()
+    stored = json.loads(stored_path.read_text()) if stored_path.is_file() else {}
+    site = DIST / ".natural-site"  # the site as it ships, minus the card (which shows these figures)
+    r.cli(["site", "--export", str(r.export), "--out", str(site)])
+    common = ["eval", "--questions", str(QUESTIONS), "--no-held-out", "--model", "champion", "--root", str(r.registry),
+              "--index", str(INDEX), "--export", str(r.export), "--site", str(site), "--max-new-tokens", str(NATURAL_NEW_TOKENS), "--quiet"]
+    try:
+        if stored.get("inputs_sha256") == key:
+            check = DIST / "natural-site-check.json"
+            r.cli([*common, "--via", "site", "--sample", str(SITE_CHECK), "--out", str(check)])
+            now = json.loads(check.read_text())["natural"]["paths"]["site"]["items"]
+            before = {it["id"]: it["reply"] for it in stored["natural"]["paths"]["site"]["items"]}
+            same = [it["id"] for it in now if before.get(it["id"]) == it["reply"]]
+            r.natural = {"cached": True, "site_check": {"items": len(now), "same_reply": len(same) / max(1, len(now)),
+                                                        "differ": [it["id"] for it in now if it["id"] not in same]}}
+        else:
+            sample = ["--sample", str(r.p.natural_sample)] if r.p.natural_sample else []
+            out = DIST / "natural-full.json"
+            r.cli([*common, "--via", "torch,onnx,site", *sample, "--out", str(out)])
+            stored = {"inputs_sha256": key, **json.loads(out.read_text())}
+            atomic_write_bytes(stored_path, (json.dumps(stored, indent=1, ensure_ascii=False) + "\n").encode())
+            r.natural = {"cached": False}
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
+    nat = stored["natural"]
+    r.natural.update(file=str(stored_path), n_items=nat["n_items"], agreement=nat.get("agreement"),
+                     overall={path: run["metrics"]["overall"] for path, run in nat["paths"].items()})
+
+
 def _site(r: Release) -> None:
     shutil.rmtree(r.partial, ignore_errors=True)
     r.cli(["site", "--export", str(r.export), "--out", str(r.partial), "--card", str(r.card)])
@@ -224,7 +275,9 @@ STAGES = [
     Stage("export", lambda r: [r.registry / "registry.json", INDEX], lambda r: [r.export / "manifest.json"],
           lambda r: r.cli(["export", "--model", "champion", "--root", str(r.registry), "--out", str(r.export),
                            "--index", str(INDEX), "--data", str(DATA)])),
-    Stage("card", lambda r: [r.export / "manifest.json", r.registry / "registry.json"], lambda r: [r.card],
+    Stage("natural", lambda r: [], lambda r: [], _natural, always=True),
+    Stage("card", lambda r: [r.export / "manifest.json", r.registry / "registry.json",
+                             r.champion_dir() / NATURAL], lambda r: [r.card],
           lambda r: r.cli(["card", "--model", "champion", "--root", str(r.registry), "--export", str(r.export),
                            "--dataset-manifest", str(DATA / "manifest.json"), "--out", str(r.card)])),
     # the site and the docs are always rebuilt: they are cheap and land in the fresh partial folder

@@ -139,6 +139,7 @@ class Index:
         self._shards: dict[int, tuple[dict, np.ndarray, int]] = {}
         self._texts: dict[int, list] = {}
         self._keys: dict[int, dict] = {}
+        self._doc_of: dict[str, int] | None = None  # passage id -> doc, built by the first `get`
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -266,6 +267,19 @@ class Index:
                 self._texts[s] = json.loads((self.path / "text" / f"{s:03d}.json").read_text("utf-8"))
             pid, title, src, origin, text = self._texts[s][doc % per]
         return Passage(pid, title, self.meta["sources"][src], self.meta["origins"][origin], text)
+
+    def get(self, passage_id: str) -> Passage | None:
+        """The passage with this id ("docstring:json.dumps#0"), or None. The first call reads every
+        text shard once to map ids to docs (about a second for the default corpus)."""
+        with self._lock:
+            if self._doc_of is None:
+                per, doc_of = self.meta["passages_per_shard"], {}
+                for s in range(self.meta["text_shards"]):
+                    rows = json.loads((self.path / "text" / f"{s:03d}.json").read_text("utf-8"))
+                    doc_of.update((row[0], s * per + i) for i, row in enumerate(rows))
+                self._doc_of = doc_of
+        doc = self._doc_of.get(passage_id)
+        return None if doc is None else self.passage(doc)
 
     def search(self, query: str, k: int = 3, sources: tuple[str, ...] | None = None) -> list[Passage]:
         """The `k` best passages for free text, at most one per record; [] when nothing matches.

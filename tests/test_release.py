@@ -31,11 +31,23 @@ def test_release_runs_every_stage_then_caches_training(tmp_path, monkeypatch):
     recipe.parent.mkdir(parents=True)
     recipe.write_text(json.dumps({"name": "default", "sources": [
         {"name": "pydoc-topics", "weight": 1.0, "license": "PSF-2.0"}]}))
-    profile = Profile("test", "tiny", 1000, 20, 20, 1e-3, "models", "runs", "datasets/built/sft", None, 10)
+    profile = Profile("test", "tiny", 1000, 20, 20, 1e-3, "models", "runs", "datasets/built/sft", None, 10,
+                      natural_sample=3)
+    questions = tmp_path / "datasets" / "eval" / "natural.jsonl"
+    questions.parent.mkdir(parents=True)
+    questions.write_text("".join(json.dumps(item) + "\n" for item in [
+        {"id": "language-001", "kind": "language", "question": "how does a for loop work", "history": [],
+         "gold": ["pydoc:topic:for"], "facts": ["iterate"]},
+        {"id": "language-002", "kind": "language", "question": "and while?", "gold": ["pydoc:topic:while"],
+         "facts": ["repeated"], "history": [{"role": "user", "content": "for loops"},
+                                            {"role": "assistant", "content": "They iterate [1]."}]},
+        {"id": "no-answer-001", "kind": "no-answer", "question": "who won the 2022 world cup", "history": [],
+         "gold": [], "facts": []},
+        {"id": "chitchat-001", "kind": "chitchat", "question": "hi there", "history": [], "gold": [], "facts": []}]))
 
     calls: list[str] = []
     r, summary = _release(profile, calls)
-    assert [s["status"] for s in summary["stages"]] == ["ran"] * 11, summary["stages"]
+    assert [s["status"] for s in summary["stages"]] == ["ran"] * 12, summary["stages"]
     pages = tmp_path / "dist" / "pages"
     for name in ("index.html", ".nojekyll", "docs/index.html"):
         assert (pages / name).is_file(), name
@@ -43,17 +55,26 @@ def test_release_runs_every_stage_then_caches_training(tmp_path, monkeypatch):
     assert manifest["champion"] == "v1" and all(g["passed"] for g in manifest["gates"] if g["required"])
     lock = json.loads((tmp_path / "models" / "release.lock.json").read_text())
     assert lock["champion"] == "v1"
+    # the champion's natural questions went through torch, onnx and the site, stored beside it and in the card
+    natural = json.loads((tmp_path / "models" / "versions" / "v1" / "eval-natural.json").read_text())
+    assert set(natural["natural"]["paths"]) == {"torch", "onnx", "site"} and natural["natural"]["n_items"] == 3, natural["natural"]["selection"]
+    assert natural["natural"]["paths"]["site"]["external_requests"] == 0
+    assert manifest["natural"]["cached"] is False and set(manifest["natural"]["overall"]) == {"torch", "onnx", "site"}
+    assert "Natural questions, through the paths people use" in (tmp_path / "dist" / "card" / "README.md").read_text()
 
     calls.clear()  # nothing changed: training comes from the lock, data/index/export/card from the state file
     r, summary = _release(profile, calls)
     status = {s["stage"]: s for s in summary["stages"]}
     assert all(status[n]["status"] == "cached" for n in TRAINING | {"data", "index", "export", "card"}), status
     assert "lock" in status["sft"]["note"]
-    assert calls == ["site", "docs"]
+    assert calls == ["site", "eval", "site", "docs"]  # the natural stage re-checks a sample through the site
+    manifest = json.loads((tmp_path / "dist" / "release-manifest.json").read_text())
+    check = manifest["natural"]["site_check"]
+    assert manifest["natural"]["cached"] and check["items"] == 4 and 0 <= check["same_reply"] <= 1
 
     calls.clear()  # --from export re-runs export and everything after it, nothing before
     _release(profile, calls, start="export")
-    assert calls == ["export", "card", "site", "docs"]
+    assert calls == ["export", "site", "eval", "card", "site", "docs"]  # the same int8 file: a site check
 
     before = {p.relative_to(pages): p.stat().st_mtime_ns for p in pages.rglob("*")}
     monkeypatch.setattr(export_gates, "INT8_SIZE_RATIO", 0.01)  # an impossible bar: the gate must fail

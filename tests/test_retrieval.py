@@ -242,6 +242,8 @@ def test_passages_len_to_dict_and_threads(index_path):
     ix = Index(index_path)
     p = ix.search("quokka care", k=1)[0]
     assert p.title == "Quokka care" and p.source == "docs" and p.origin.endswith("notes.jsonl")
+    assert ix.get(p.id) == Passage(p.id, p.title, p.source, p.origin, p.text)
+    assert ix.get("user:notes.jsonl:2#99") is None and ix.get("") is None
     assert len(ix) == ix.meta["docs"] == len(all_passages(ix))
     d = p.to_dict()
     assert set(d) == {"id", "title", "source", "origin", "text", "score"}

@@ -38,10 +38,11 @@ def tok(backend) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def index(tiny_workspace, tmp_path_factory):
-    from source.retrieval import Index, build_index
+    from source.retrieval import Index
+    from source.retrieval_build import build_index
 
-    path = tmp_path_factory.mktemp("index") / "i.sqlite"
-    build_index(tiny_workspace["data"], path)
+    path = tmp_path_factory.mktemp("index") / "i"
+    build_index(tiny_workspace["data"], path, progress=False)
     return Index(path)
 
 
