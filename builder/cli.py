@@ -3,7 +3,7 @@
     builder data build            corpus -> Parquet shards + manifest
     builder tokenizer train       SentencePiece BPE + tokenizer.json
     builder pretrain              pretraining loop (Accelerate)
-    builder index build           retrieval passages in SQLite FTS5
+    builder index build           retrieval passages in a static BM25F index
     builder sft-data              chat examples grounded in retrieved passages
     builder sft                   chat fine-tuning (full or LoRA)
     builder eval                  bits-per-byte, grounded QA, refusals, samples

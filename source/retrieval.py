@@ -2,18 +2,21 @@
 
 This is the one retrieval of the project: `builder sft-data`, `builder eval`, the export gates and
 `supermix` call `Index.search`, and web_static/retrieval.js is its JavaScript port, step for step
-(tests/test_retrieval_parity.py checks ids, order and scores on hundreds of queries).
+(tests/test_retrieval_parity.py checks docs, order and scores on hundreds of queries).
+The query of a conversation is `source.prompt.retrieval_query` (a follow-up carries the turn before).
 
 Design choices:
 - BM25F over two fields: a word in the title counts TITLE_WEIGHT times one in the text (k1 1.2,
-  b 0.75, length = all words, idf floored at 1e-6), the formula SQLite FTS5's bm25() uses.
+  b 0.75, length = all words, idf floored at 1e-6): SQLite FTS5's bm25() formula.
 - Words are Unicode letters and digits, lower-cased, diacritics removed ("Naïve" -> "naive");
   "json.dumps" is the words "json" "dumps". Stop words are dropped unless nothing else is left.
 - Stems come from the index ("w" in the term shards): the build stemmed every corpus word, so
   readers look words up and never stem themselves (see retrieval_build).
-- Exact titles win: titles the query names (its identifiers, like "json.dumps", unchanged; its
-  content words as one phrase, stemmed, so "regular expressions" finds "regular expression") come
-  first, the best first passage per source in SOURCE_ORDER, then the BM25 ranking.
+- Names win: a record goes by its title and the other names the build found (a heading, FOLDOC's
+  "also", WordNet's synonyms). When the query spells one (its identifiers as written, "json.dumps";
+  any run of up to four of its words, content words stemmed), the record gains a name bonus:
+  name_bonus x (idf of the name's words - ln(records sharing the name)) x (the name's share of the
+  query's idf). A rare name that is most of the question wins; a common word among many hardly counts.
 - At most one passage per record (its best), so the top 3 are three sources.
 - Scores are float64 computed in the same order as the JavaScript port, so both are bit-identical;
   ties go to the lower doc number. numpy does the per-word arithmetic over whole posting lists.
