@@ -102,11 +102,13 @@ class Release:
         return digest(RECIPE, {k: v for k, v in asdict(self.p).items() if k not in NOT_TRAINING})
 
     def natural_inputs(self) -> str:
-        """What the champion's natural figures depend on: the model, the shipped int8 file, the index's
-        files (not its meta.json, which records when it was built), the page's code and the questions."""
+        """What the champion's natural figures are keyed by: the model, the shipped int8 file, the page's
+        code and the questions. Not the index: a corpus rebuilt on another machine differs in a few
+        records, and the cached release's site re-check (SITE_CHECK questions, replies compared with the
+        stored ones) is what shows whether retrieval drifted."""
         web = sorted(p for p in Path("web_static").glob("*") if p.is_file())
         return digest(self.champion_dir() / "model.pth", self.export / "onnx" / "model_quantized.onnx", QUESTIONS,
-                      *(INDEX / part for part in ("docs.bin", "terms", "keys", "text")), *web, self.p.natural_sample)
+                      *web, self.p.natural_sample)
 
     def lock(self) -> dict | None:
         path = self.registry / LOCK
