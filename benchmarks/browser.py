@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from anywhere
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
+from builder.natural_eval import FLAGS  # noqa: E402  (the one list of headless Chromium flags)
+
 PROMPT = "What does json.dumps do?"
 
 

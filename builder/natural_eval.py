@@ -39,11 +39,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from source.files import sha256_file
 from source.natural_eval import METRICS, aggregate, agreement, load_items, score_item
 
 PATHS = ("torch", "onnx", "site")
 ONNX_FILE = "onnx/model_quantized.onnx"
 CHROMIUM = Path("/usr/bin/chromium")
+# headless Chromium's flags for the site (docs/pages/decisions.md); tests/test_site.py and
+# benchmarks/browser.py launch it with these too
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run"]
 SITE_LOAD_TIMEOUT_S = 600.0
@@ -75,12 +78,6 @@ def select_items(items: list[dict], limit: int | None = None, sample: int | None
 def messages_of(item: dict) -> list[dict]:
     return [*({"role": t["role"], "content": t["content"]} for t in item["history"]),
             {"role": "user", "content": item["question"]}]
-
-
-def _sha256(path: Path) -> str:
-    from source.files import sha256_file
-
-    return sha256_file(path)
 
 
 # ----------------------------------------------------------------------------- torch and onnx: runtime_python
@@ -130,7 +127,7 @@ def torch_path(model_spec: str | None, root: Path, tokenizer_dir: Path | None, i
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         raise EvalSetupError(str(e).strip("'\"")) from None
     index = _index(index_path)
-    info = {"model": str(pth), "model_sha256": _sha256(pth), "tokenizer": str(tok_dir), "backend": "torch fp32 cpu",
+    info = {"model": str(pth), "model_sha256": sha256_file(pth), "tokenizer": str(tok_dir), "backend": "torch fp32 cpu",
             "retrieval": str(index_path)}
     try:
         return {**info, "results": run_engine(backend, index, items, max_new_tokens, "torch", progress)}
@@ -153,7 +150,7 @@ def onnx_path(export_dir: Path, items: list[dict], max_new_tokens: int,
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise EvalSetupError(str(e)) from None
     manifest = _read_json(export_dir / "manifest.json")
-    info = {"export": str(export_dir), "onnx_file": ONNX_FILE, "onnx_sha256": _sha256(onnx_file),
+    info = {"export": str(export_dir), "onnx_file": ONNX_FILE, "onnx_sha256": sha256_file(onnx_file),
             "model_version": manifest.get("model_version"), "source_checkpoint": manifest.get("source_checkpoint"),
             "backend": "onnxruntime int8 cpu", "retrieval": str(where)}
     try:
@@ -223,7 +220,7 @@ def site_path(site_dir: Path, items: list[dict], max_new_tokens: int, progress: 
         raise EvalSetupError("the playwright package is missing: pip install playwright "
                              "(its browser download is not needed)") from None
     config = _read_json(site_dir / "site.json")
-    info = {"site": str(site_dir), "onnx_file": f"models/supermix/{ONNX_FILE}", "onnx_sha256": _sha256(model),
+    info = {"site": str(site_dir), "onnx_file": f"models/supermix/{ONNX_FILE}", "onnx_sha256": sha256_file(model),
             "model_version": config.get("model_version"), "cache_key": config.get("cache_key"),
             "backend": "chromium onnxruntime-web wasm int8", "retrieval": "site index (web_static/retrieval.js)"}
     external: list[str] = []
@@ -290,7 +287,7 @@ def evaluate_natural(questions: Path, via: list[str], *, model_spec: str | None 
     all_items = load_items(questions)
     items = select_items(all_items, limit, sample, seed)
     max_new_tokens = max_new_tokens or GenerationConfig().max_new_tokens
-    report = {"questions": str(questions), "questions_sha256": _sha256(Path(questions)), "n_items_file": len(all_items),
+    report = {"questions": str(questions), "questions_sha256": sha256_file(Path(questions)), "n_items_file": len(all_items),
               "n_items": len(items), "selection": {"limit": limit, "sample": sample, "seed": seed if sample else None},
               "max_new_tokens": max_new_tokens, "temperature": 0, "paths": {}}
     for name in via:

@@ -9,11 +9,11 @@ Design choices:
     meta.json        counts, BM25 constants, field weights, stop words, source names, shard counts
     docs.bin         Uint16 length[N], Uint16 chunk[N], Uint8 source[N]
     terms/NNN.bin    Uint32 header length, JSON header {"t": {stem: [df, offset, bytes, idf]},
-                     "k": {title_key: [doc, ...]}, "w": {word: stem}}, then per stem df pairs of
-                     varints (doc delta, weighted frequency)
+                     "w": {word: stem}}, then per stem df pairs of varints (doc delta, weighted frequency)
+    keys/NNN.json    {name key: [ln(records with that name), [first doc of each record, ...]]}
     text/NNN.json    [[id, title, source no, origin no, text], ...] for docs NNN*P .. NNN*P+P-1
-  A stem, title key or word lives in shard fnv1a32(utf8) % shards, so a query touches one small file
-  per word.
+  A stem, word or name key lives in shard fnv1a32(utf8) % shards, so a query touches one small file
+  per word (name keys have smaller shards of their own: a query looks many of them up).
 - Stemming (Snowball's English stemmer, "reversing" -> "revers", "closures" -> "closur") runs here,
   at build time, for every word of the corpus; "w" stores each word whose stem differs. Queries look
   their words up instead of stemming, so the JavaScript reader needs no stemmer of its own and both
@@ -23,7 +23,7 @@ Design choices:
   strongest break in the window's second half. Only whitespace at the cuts is dropped, so the
   passages together hold every character of the record. Passage ids are "{record_id}#{n}", stable
   across rebuilds. Doc numbers keep a record's passages consecutive.
-- idf is computed here and stored, so both readers repeat only +, *, / in the same order and get
+- idf and ln(records per name) are computed here and stored, so both readers repeat only +, *, / in the same order and get
   bit-identical scores.
 - The folder is written beside the target and swapped in: a failed build leaves the old index.
 """
@@ -112,7 +112,7 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
                                 "run `builder data build` first")
     if max_chars < 50:
         raise ValueError(f"max_chars must be at least 50, got {max_chars}")
-    if out.exists() and not (out / "meta.json").is_file() and any(out.iterdir()) if out.is_dir() else out.exists():
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file()):
         raise ValueError(f"{out} exists and is not a retrieval index folder: choose another --out")
     t0 = time.time()
     rows, seen = [], set()
@@ -262,7 +262,7 @@ def record_names(title: str, text: str) -> list[str]:
 
 
 def name_key(name: str, stem_all) -> str:
-    """The key a name is found under (see source.retrieval.name_key)."""
+    """The key a name is found under; `Index.name_keys` forms the same keys from a query."""
     ws = aliased_words(name)
     while ws and ws[0] in ARTICLES:
         ws = ws[1:]

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from builder.natural_eval import CHROMIUM, FLAGS
+
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
 needs_npm = pytest.mark.skipif(not (REPO / "web_static/node_modules/@huggingface/transformers").is_dir(),
                                reason="run `npm ci --ignore-scripts` in web_static")
 
