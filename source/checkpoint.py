@@ -5,6 +5,9 @@
   `torch.load(weights_only=True)`.
 - `train_state.pt`: optimizer state, step, tokens seen, RNG state — everything `--resume` needs to
   continue exactly, kept apart so a shipped `.pth` carries no optimizer moments.
+- the two are one record: each save writes the same `step` and a fresh random `save_id` into both, and
+  `--resume` refuses a pair that disagrees (a kill between the two renames once left weights at step 8
+  with optimizer moments from step 4, and the resumed run diverged without a word)
 Both are written to a temporary file in the same folder and renamed, so a crash mid-write never
 leaves a truncated file where a good one was.
 
@@ -16,6 +19,7 @@ meta device, before anything is allocated. A config asking for terabytes is an e
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -114,6 +118,35 @@ def check_weights(cfg: ModelConfig, weights: Any, path: str | Path) -> None:
         if tuple(tensor.shape) != expected[key]:
             raise CheckpointError(f"{path}: weights do not match the config: {key} has shape "
                                   f"{tuple(tensor.shape)}, the config implies {expected[key]}")
+
+
+def new_save_id(step: int) -> str:
+    return f"{step}-{secrets.token_hex(6)}"
+
+
+def read_train_state(path: str | Path) -> dict[str, Any]:
+    """`train_state.pt`, loaded safely; errors name the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, pickled code
+        raise CheckpointError(f"{path}: not a readable training state ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not all(k in state for k in ("optimizer", "step", "tokens", "elapsed",
+                                                                   "torch_rng")):
+        raise CheckpointError(f"{path}: not a training state (needs optimizer, step, tokens, elapsed, torch_rng)")
+    return state
+
+
+def check_same_save(ckpt: dict[str, Any], state: dict[str, Any], folder: str | Path) -> None:
+    """Refuse to resume from weights and optimizer state written by different saves. Checkpoints from before
+    save ids compare steps alone."""
+    steps, ids = (ckpt.get("step"), state.get("step")), (ckpt.get("save_id"), state.get("save_id"))
+    if steps[0] != steps[1] or ids[0] != ids[1]:
+        what = (f"model.pth is from step {steps[0]} but train_state.pt is from step {steps[1]}" if steps[0] != steps[1]
+                else f"model.pth (save {ids[0]}) and train_state.pt (save {ids[1]}) come from different saves")
+        raise CheckpointError(
+            f"{folder}: {what}: the last save was interrupted between its two files, or one was copied in from "
+            "elsewhere, so the weights and the optimizer state do not belong together and resuming would diverge. "
+            "Hint: put back both files of one save, or train again without --resume.")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any]]:
