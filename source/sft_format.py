@@ -31,6 +31,12 @@ def _nonempty(obj: dict, key: str, where: str) -> None:
         raise ValueError(f"{where}{key}: {'missing' if key not in obj else 'must be a non-empty string'}")
 
 
+def _optional_strings(obj: dict, keys: tuple[str, ...], where: str, allow_null: bool = True) -> None:
+    for key in keys:
+        if key in obj and not isinstance(obj[key], str) and not (allow_null and obj[key] is None):
+            raise ValueError(f"{where}{key}: must be a string, got {type(obj[key]).__name__}")
+
+
 def check_example(obj) -> dict:
     """Validate one example in either format; return it in the messages format.
 
@@ -68,7 +74,9 @@ def check_example(obj) -> dict:
             if not isinstance(p, dict):
                 raise ValueError(f"context[{i}]: must be an object with a text")
             _nonempty(p, "text", f"context[{i}].")
+            _optional_strings(p, ("title", "source", "id"), f"context[{i}].")
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    _optional_strings(meta, ("kind", "entity", "source"), "meta.", allow_null=False)  # counted and sorted as text
     meta = {"kind": "user", "entity": "", "source": "user", "gold": None, **meta}
     out = {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs], "meta": meta}
     if ctx:
