@@ -56,7 +56,8 @@ def race(tmp_path: Path, jobs: list[list[str]]) -> list[tuple[int, str]]:
     while len(list(ready.iterdir())) < len(jobs) and time.time() < deadline:
         time.sleep(0.05)
     go.touch()
-    return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
 
 
 def test_concurrent_adds_promote_and_remove_each_keep_their_result(tmp_path, ckpt, tiny_workspace):
