@@ -112,12 +112,13 @@ class Release:
 
     def natural_inputs(self) -> str:
         """What the champion's natural figures are keyed by: the model, the shipped int8 file, the page's
-        code and the questions. Not the index: a corpus rebuilt on another machine differs in a few
-        records, and the cached release's site re-check (SITE_CHECK questions, replies compared with the
-        stored ones) is what shows whether retrieval drifted."""
+        code, the questions and the retrieval index (its files and ranking settings, not when or from
+        which folder it was built; the corpus check makes a clean clone's index the committed one)."""
         web = sorted(p for p in Path("web_static").glob("*") if p.is_file())
+        meta = json.loads((INDEX / "meta.json").read_text())
+        ranking = {k: v for k, v in meta.items() if k not in ("created", "data_dir", "manifest_sha256")}
         return digest(self.champion_dir() / "model.pth", self.export / "onnx" / "model_quantized.onnx", QUESTIONS,
-                      *web, self.p.natural_sample)
+                      *web, self.p.natural_sample, ranking, *(INDEX / part for part in ("docs.bin", "terms", "keys", "text")))
 
     def lock(self) -> dict | None:
         path = self.registry / LOCK
