@@ -3,8 +3,9 @@
 Design choices:
 - A job's items are text deltas, `[TokenLogprob]` lists (each just before the text of its tokens)
   and one final Reply; a stream chunk carries the logprobs of the tokens behind its text.
-- Token strings are vocabulary pieces ("▁" as a space): the first one of a chat reply may carry a
-  space that the reply text drops (sentencepiece's dummy prefix); `bytes` is exact.
+- Token strings are vocabulary pieces ("▁" as a space; a lone byte of a split character reads as
+  U+FFFD, `bytes` is exact); a chat reply's first token drops sentencepiece's dummy-prefix space as
+  the reply text does, so the tokens' bytes join up to the text.
 - Once an SSE response has started, an error (a timeout, a bug) is sent in-band as
   `data: {"error": ...}` followed by `[DONE]`, the way OpenAI does; the job is stopped however the
   stream ends, so a dropped client frees the model.

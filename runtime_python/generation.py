@@ -135,10 +135,13 @@ class TokenLogprob:
     top: list["TokenLogprob"]
 
 
-def token_logprob(tokenizer: Tokenizer, logits: torch.Tensor, token_id: int, top: int = 0) -> TokenLogprob:
-    """`token_id`'s log-probability under softmax(`logits`) and the `top` best tokens (best first)."""
+def token_logprob(tokenizer: Tokenizer, logits: torch.Tensor, token_id: int, top: int = 0,
+                  first: bool = False) -> TokenLogprob:
+    """`token_id`'s log-probability under softmax(`logits`) and the `top` best tokens (best first).
+    `first`: the reply's first token, whose dummy-prefix space the text drops (IncrementalDetokenizer),
+    so its string and bytes drop it too and the tokens join up to the reply text."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    table = token_bytes(tokenizer)[0]
+    table, byte_ids = token_bytes(tokenizer)
 
     def entry(i: int, lp: float, alts: list[TokenLogprob]) -> TokenLogprob:
         raw = table[i] or tokenizer.id_to_piece(i).encode("utf-8")  # special tokens by name: "<|end|>"
@@ -148,7 +151,10 @@ def token_logprob(tokenizer: Tokenizer, logits: torch.Tensor, token_id: int, top
     if top > 0:
         vals, idx = torch.topk(logp, min(top, logp.numel()))
         alts = [entry(int(i), float(v), []) for v, i in zip(vals, idx)]
-    return entry(token_id, float(logp[token_id]), alts)
+    chosen = entry(token_id, float(logp[token_id]), alts)
+    if first and chosen.bytes[:1] == b" " and token_id not in byte_ids:
+        chosen.bytes, chosen.text = chosen.bytes[1:], chosen.text[1:]
+    return chosen
 
 
 # ----------------------------------------------------------------------------- text streaming

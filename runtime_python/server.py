@@ -99,11 +99,17 @@ class Scheduler:
                     return
                 self.running = True
                 scored: list[TokenLogprob] = []
-                hook = None if logprobs is None else (
-                    lambda i, logits: scored.append(token_logprob(self.backend.tokenizer, logits, i, logprobs)))
+                count = [0]  # a chat reply's first token loses its dummy-prefix space, as the text does
+
+                def hook(i: int, logits: Any) -> None:
+                    first = prompt_ids is None and count[0] == 0
+                    scored.append(token_logprob(self.backend.tokenizer, logits, i, logprobs or 0, first))
+                    count[0] += 1
+
                 for item in generate_stream(self.backend, messages, gen, index=self.index,
                                             retrieval=retrieval and self.index is not None, k=k,
-                                            should_stop=job.stop.is_set, prompt_ids=prompt_ids, on_token=hook):
+                                            should_stop=job.stop.is_set, prompt_ids=prompt_ids,
+                                            on_token=None if logprobs is None else hook):
                     if scored:
                         put(scored[:])
                         scored.clear()
