@@ -18,7 +18,8 @@ Design choices (a pure ASGI middleware: BaseHTTPMiddleware would hide disconnect
 - Every response gets a strict CSP (scripts, styles, connections: this origin only, no inline
   script; frame-ancestors 'none'), X-Content-Type-Options: nosniff, X-Frame-Options: DENY and
   Referrer-Policy: no-referrer.
-- Refusals use OpenAI's error shape, like every other error of the API.
+- Refusals use OpenAI's error shape, like every other error of the API; so does a bug of ours (a
+  500, logged), caught here rather than by Starlette's outermost handler so it keeps the headers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -40,6 +42,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
                     (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer")]
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+log = logging.getLogger("supermix.serve")
 
 
 def is_loopback(host: str) -> bool:
@@ -99,12 +102,23 @@ class Guard:
                 (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
                 (b"access-control-allow-headers", allow.encode("latin-1")), (b"access-control-max-age", b"600")])
 
+        started = False
+
         async def send_with_headers(message: dict) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as e:  # a bug of ours: logged, and still OpenAI's shape and these headers
+            if started:
+                raise
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            bug = ApiError(500, f"internal error: {type(e).__name__}: {e}", None, None, "server_error")
+            await self.respond(send, 500, bug.body(), extra)
 
     def refusal(self, scope: Scope, headers: dict[str, str], host: str, origin: str | None,
                 cors: str | None) -> ApiError | None:

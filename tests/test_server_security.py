@@ -137,3 +137,26 @@ def test_security_headers_and_no_external_urls(server):
         assert not re.search(r"https?://|//cdn|<script>|\bon\w+=", page), page  # no remote or inline script
     assert httpx.get(f"{server.url}/openapi.json").json()["paths"].keys() >= {"/v1/completions",
                                                                               "/v1/chat/completions"}
+
+
+class BrokenBackend:
+    """The tiny model, except that every prompt fails inside the engine: a bug of ours."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def prefill(self, ids):
+        raise RuntimeError("boom")
+
+
+def test_a_bug_is_a_500_in_openai_shape_with_the_headers(backend):
+    from runtime_python.server import create_app
+
+    with ServerThread(create_app(BrokenBackend(backend))) as s:
+        r = httpx.post(f"{s.url}/v1/chat/completions", json=CHAT, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error" and "boom" in r.text
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        assert httpx.get(f"{s.url}/health").json()["status"] == "ok"  # the worker lives on
