@@ -160,3 +160,41 @@ def test_a_bug_is_a_500_in_openai_shape_with_the_headers(backend):
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error" and "boom" in r.text
         assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
         assert httpx.get(f"{s.url}/health").json()["status"] == "ok"  # the worker lives on
+
+
+def test_the_page_works_under_its_csp_with_a_key(keyed):
+    """Chromium enforces the CSP: the page must run with it, ask for the key, and then chat."""
+    from builder.natural_eval import CHROMIUM, FLAGS
+
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed")
+    from playwright.sync_api import expect, sync_playwright
+
+    console: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+            page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(keyed.url) else r.abort())
+            page.goto(f"{keyed.url}/")
+            expect(page.locator("#status")).to_contain_text("API key")  # locators: page scripts cannot eval
+            assert page.locator("#settings").get_attribute("open") is not None
+            page.fill("#max-tokens", "4")  # the tiny model's window is 256 tokens
+            page.fill("#api-key", "wrong")
+            page.press("#api-key", "Tab")  # change event: stored in sessionStorage
+            page.fill("#prompt", "hi")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant .error")
+            assert "API key" in page.locator(".msg.assistant .error").inner_text()
+            page.fill("#api-key", KEY)
+            page.press("#api-key", "Tab")
+            page.fill("#prompt", "What is a closure?")
+            page.click("#send")
+            expect(page.locator(".msg.assistant")).to_have_count(2)
+            expect(page.locator("#send")).to_be_enabled(timeout=30_000)
+            assert page.locator(".msg.assistant").nth(1).locator(".error").count() == 0
+            assert page.evaluate("sessionStorage.getItem('supermix-api-key')") == KEY
+        finally:
+            browser.close()
+    assert not [m for m in console if "Content Security Policy" in m], console
