@@ -279,9 +279,11 @@ def create_app(backend: Any, index: Any = None, max_queue: int = 16, *, host: st
 
     @app.get("/v1/models")
     async def models() -> dict:
-        served = {"id": model, "object": "model", "created": created, "owned_by": "supermix", "loaded": True}
-        others = [{**m, "loaded": False} for m in registry_models(models_root) if m["id"] != model]
-        return {"object": "list", "data": [served, *others]}
+        listed = registry_models(models_root)
+        served = next((m for m in listed if m["id"] == model),  # a registry version: its own date and kind
+                      {"id": model, "object": "model", "created": created, "owned_by": "supermix"})
+        others = [{**m, "loaded": False} for m in listed if m["id"] != model]
+        return {"object": "list", "data": [{**served, "loaded": True}, *others]}
 
     @app.get("/v1/passages/{passage_id:path}")
     async def passage(passage_id: str) -> dict:
