@@ -20,10 +20,13 @@ import hashlib
 import re
 from urllib.parse import urlsplit
 
+from jinja2 import Environment
 from markdown import Markdown
 from markdown.extensions import Extension
 from markdown.inlinepatterns import InlineProcessor
 from markdown.treeprocessors import Treeprocessor
+from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.structure.files import Files
 
 POLICY = ("default-src 'self'; script-src 'self' {hashes}; style-src 'self'; img-src 'self' data:; "
           "font-src 'self'; connect-src 'self'; worker-src 'self'; object-src 'none'; base-uri 'self'; "
@@ -33,14 +36,14 @@ SAFE_SCHEMES = {"", "http", "https", "mailto"}
 
 
 class _DropComment(InlineProcessor):
-    def handleMatch(self, m, data):  # noqa: N802 (Python-Markdown's name)
+    def handleMatch(self, m: re.Match, data: str) -> tuple[str, int, int]:  # noqa: N802 (Python-Markdown's name)
         return "", m.start(0), m.end(0)
 
 
 class _SafeAttributes(Treeprocessor):
     """No event handlers (attr_list turns "text{: onclick=x }" into one) and no javascript: targets."""
 
-    def run(self, root):
+    def run(self, root) -> None:  # root: an xml.etree Element
         for el in root.iter():
             for attr in list(el.attrib):
                 url = el.get(attr) if attr in ("href", "src") else ""
@@ -66,11 +69,11 @@ def csp(theme_scripts: str) -> str:
     return POLICY.format(hashes=" ".join(hashes)).replace("  ", " ")
 
 
-def on_config(config):
+def on_config(config: MkDocsConfig) -> MkDocsConfig:
     config.markdown_extensions.append(NoRawHtml())
     return config
 
 
-def on_env(env, config, files):
+def on_env(env: Environment, config: MkDocsConfig, files: Files) -> Environment:
     env.filters["csp"] = csp
     return env
