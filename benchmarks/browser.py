@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from anywhere
 
-from builder.natural_eval import FLAGS  # noqa: E402  (the one list of headless Chromium flags)
+from builder.natural_eval import FLAGS, serve  # noqa: E402  (one list of Chromium flags, one static server)
 
 PROMPT = "What does json.dumps do?"
 
@@ -82,15 +80,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="supermix-browser-bench-"))
     site = tmp / "site"
     build_site(args.export, site)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(site)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/"
     rows = []
-    try:
-        time.sleep(0.5)
+    with serve(site) as base:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
             for dtype in args.dtype.split(","):
@@ -128,9 +119,6 @@ def main() -> None:
                              "same_tokens": py["ids"] == r["token_ids"], "external_requests": len(external)})
                 ctx.close()
             browser.close()
-    finally:
-        server.terminate()
-        server.wait()
     manifest = json.loads((args.export / "manifest.json").read_text()) if (args.export / "manifest.json").exists() else {}
     print(f"export {args.export} (model {manifest.get('model_version')}, {manifest.get('params', 0) / 1e6:.1f}M params); "
           f"Chromium headless, wasm single-threaded; load average {os.getloadavg()[0]:.2f}")

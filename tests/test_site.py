@@ -10,15 +10,12 @@ Content-Security-Policy (kept on in the test) forbids the string eval `wait_for_
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from builder.natural_eval import CHROMIUM, FLAGS
+from builder.natural_eval import CHROMIUM, FLAGS, serve
 
 REPO = Path(__file__).resolve().parent.parent
 needs_npm = pytest.mark.skipif(not (REPO / "web_static/node_modules/@huggingface/transformers").is_dir(),
@@ -127,20 +124,8 @@ def _wait(page, expr: str, timeout: float = 60.0):
 
 @pytest.fixture(scope="module")
 def server(site):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(site)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with serve(site) as base:
+        yield base
 
 
 @pytest.mark.slow

@@ -15,17 +15,13 @@ import base64
 import hashlib
 import json
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from builder.cli import main
-from builder.natural_eval import CHROMIUM, FLAGS
+from builder.natural_eval import CHROMIUM, FLAGS, serve
 
 REPO = Path(__file__).resolve().parent.parent
 needs_npm = pytest.mark.skipif(not (REPO / "web_static/node_modules/@huggingface/transformers").is_dir(),
@@ -98,22 +94,8 @@ def test_every_page_has_a_policy_that_runs_only_shipped_scripts(dist):
 
 @pytest.fixture(scope="module")
 def server(dist):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(dist)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        proc.kill()
-        proc.wait()
+    with serve(dist) as base:
+        yield base
 
 
 @needs_npm
