@@ -1,0 +1,191 @@
+"""Continuous batching (runtime_python/batching.py): the tiny real model, real tokenizer, real threads.
+
+"Alone" is a TorchBackend running one conversation: the reference every batched request must match
+bit for bit (logits) and so token for token (greedy replies).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from runtime_python.backends import TorchBackend
+from runtime_python.batching import Cancelled, Engine
+from runtime_python.chat import Reply, generate_stream
+from runtime_python.generation import GenerationConfig
+
+GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=24)
+QUESTIONS = ["What is a closure?", "Define ephemeral.", "hi",
+             "How do I read a file in Python, and what does the with statement do when the block ends?",
+             "What is a hash table? Explain buckets, collisions, resizing and the cost of a lookup in detail."]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_base, tiny_workspace) -> TorchBackend:
+    torch.set_num_threads(1)
+    return TorchBackend.load(tiny_base, tiny_workspace["tokenizer"])
+
+
+@pytest.fixture
+def fresh(tiny_base, tiny_workspace):
+    """A new batch-1 backend per call: no prompt cache carried over."""
+    return lambda: TorchBackend.load(tiny_base, tiny_workspace["tokenizer"])
+
+
+def ask(q: str) -> list[dict]:
+    return [{"role": "user", "content": q}]
+
+
+def run(backend, messages, gen=GREEDY) -> Reply:
+    items = list(generate_stream(backend, messages, gen, retrieval=False))
+    assert "".join(items[:-1]) == items[-1].text
+    return items[-1]
+
+
+def greedy_logits(b, ids: list[int], n: int) -> list[torch.Tensor]:
+    """Prefill `ids`, then n greedy decodes: every step's logits."""
+    out = [b.prefill(ids)]
+    for _ in range(n):
+        out.append(b.decode(int(out[-1].argmax())))
+    return out
+
+
+def test_batched_logits_and_replies_equal_running_alone(backend, fresh):
+    tok = backend.tokenizer
+    prompts = [tok.encode(q * k)[:200] for q, k in zip(QUESTIONS, (1, 3, 1, 2, 8))]  # 4 to 200 tokens
+    alone = [greedy_logits(fresh(), ids, 12) for ids in prompts]
+    engine = Engine(backend, slots=3, chunk=16, step_tokens=32)  # fewer slots than requests: some wait
+    got: dict[int, list[torch.Tensor]] = {}
+    started = [threading.Event() for _ in prompts]
+
+    def worker(i: int) -> None:
+        if i:  # admitted at different times: after the previous one has begun decoding
+            started[i - 1].wait(30)
+        with engine.slot() as s:
+            logits = [s.prefill(prompts[i])]
+            started[i].set()
+            for _ in range(12):
+                logits.append(s.decode(int(logits[-1].argmax())))
+        got[i] = logits
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert engine.stats["steps"] < sum(len(p) // 16 + 13 for p in prompts)  # rows really shared steps
+    for i in range(len(prompts)):
+        assert all(torch.equal(a, b) for a, b in zip(alone[i], got[i])), f"request {i} differs from alone"
+    # the same through generate_stream: replies equal to the batch-1 backend's
+    replies: dict[int, Reply] = {}
+
+    def chat(i: int) -> None:
+        with engine.slot() as s:
+            replies[i] = run(s, ask(QUESTIONS[i]))
+
+    threads = [threading.Thread(target=chat, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+        time.sleep(0.01 * len(threads))
+    for t in threads:
+        t.join(120)
+    for i, q in enumerate(QUESTIONS):
+        ref = run(fresh(), ask(q))
+        assert replies[i].text == ref.text and replies[i].completion_tokens == ref.completion_tokens
+    engine.close()
+
+
+def test_cancelling_frees_the_slot_at_once(backend):
+    engine = Engine(backend, slots=2, chunk=8, step_tokens=8)
+    tok = backend.tokenizer
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    first = engine.slot(should_stop=stop.is_set)
+    second = engine.slot()
+    assert engine.free_slots == 0
+    with pytest.raises(TimeoutError):
+        engine.slot(timeout=0.1)
+
+    def decode_forever(s) -> None:
+        try:
+            logits = s.prefill(tok.encode("What is a closure?"))
+            for _ in range(200):  # ~2 s: a slow consumer
+                time.sleep(0.01)
+                logits = s.decode(int(logits.argmax()))
+        except Cancelled as e:
+            errors.append(e)
+
+    t = threading.Thread(target=decode_forever, args=(first,))
+    t.start()
+    time.sleep(0.2)
+    stop.set()  # the client left: the engine drops it at its next step, whatever the thread is doing
+    t.join(5)
+    assert not t.is_alive() and errors and engine.free_slots == 1
+    third = engine.slot(timeout=1)  # a waiting request gets the freed slot
+    assert run(third, ask("hi")).completion_tokens > 0
+    third.release()
+    second.release()
+    # stopped in the middle of a long (chunked) prompt: the prefill call ends there, the slot is free
+    long_prompt = tok.encode(QUESTIONS[4] * 8)[:240]
+    mid = engine.slot(should_stop=lambda: mid.pos >= 16)
+    with pytest.raises(Cancelled):
+        mid.prefill(long_prompt)
+    assert mid.pos < 16 + 8 + mid.cached_tokens < len(long_prompt) and engine.free_slots == 2
+    engine.close()
+
+
+def test_a_long_prompt_is_chunked_and_does_not_stall_decoding(backend):
+    engine = Engine(backend, slots=2, chunk=8, step_tokens=8)
+    tok = backend.tokenizer
+    stamps: list[float] = []
+    done = threading.Event()
+
+    def decoder() -> None:
+        with engine.slot() as s:
+            logits = s.prefill(tok.encode("hi"))
+            while not done.is_set() and len(stamps) < 200:
+                logits = s.decode(int(logits.argmax()))
+                stamps.append(time.perf_counter())
+
+    t = threading.Thread(target=decoder)
+    t.start()
+    while len(stamps) < 3:
+        time.sleep(0.01)
+    long_prompt = tok.encode(QUESTIONS[4] * 8)[:160]  # 20 chunks of 8
+    assert len(long_prompt) == 160
+    with engine.slot() as s:
+        t0 = time.perf_counter()
+        s.prefill(long_prompt)
+        t1 = time.perf_counter()
+    done.set()
+    t.join(10)
+    during = sum(t0 < x < t1 for x in stamps)
+    assert during >= 10, f"only {during} decode steps of the other request ran during a 20-chunk prefill"
+    engine.close()
+
+
+def test_prompt_cache_reuses_prefixes_and_changes_nothing(backend, fresh):
+    engine = Engine(backend, slots=2, chunk=32, step_tokens=64)
+    with engine.slot() as s:
+        first = run(s, ask(QUESTIONS[0]))
+        assert s.cached_tokens == 0
+    followup = [*ask(QUESTIONS[0]), {"role": "assistant", "content": first.text}, *ask("And a generator?")]
+    with engine.slot() as s:
+        again = run(s, followup)  # the earlier turn's prompt is reused
+        turn_cached = s.cached_tokens
+    assert again.text == run(fresh(), followup).text
+    assert turn_cached > 20 and turn_cached < again.prompt_tokens
+    assert again.cached_tokens == turn_cached  # what the API reports as cached_tokens
+    with engine.slot() as a, engine.slot() as b:
+        run(a, ask(QUESTIONS[3]))  # a's row now holds another prompt; b takes the older row
+        other = run(b, ask(QUESTIONS[1]))  # shares the system prompt with both
+        assert 10 < b.cached_tokens < other.prompt_tokens
+    assert other.text == run(fresh(), ask(QUESTIONS[1])).text
+    engine.close()
+    # the batch-1 backend has the same cache for a chat's turns
+    b1 = fresh()
+    run(b1, ask(QUESTIONS[0]))
+    assert run(b1, followup).text == again.text and b1.cached_tokens == turn_cached
