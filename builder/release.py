@@ -10,6 +10,10 @@ the same `builder` verb a maintainer would type. Design choices:
   and the release goes straight to export/card/site/docs.
 - Publishing is all or nothing: the site and docs are assembled in dist/.pages.partial and renamed to
   dist/pages only at the end; a failing export gate stops the release before that.
+- The built corpus must be the committed one (datasets/manifests/default.json: sources' versions and
+  hashes, record counts, output hashes): another machine's Python manual or standard library would
+  silently change what retrieval finds. A mismatch stops the release unless accepted, which rewrites
+  the committed manifest for review.
 - `--profile quick` trains the tiny preset end to end into dist/quick/ (its own registry), so it can
   run from an empty checkout without touching models/.
 """
@@ -23,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
+
+import click
 
 from source.files import atomic_write_bytes, replace_dir, sha256_file
 
@@ -53,6 +59,7 @@ LOCK = "release.lock.json"  # inside the profile's registry folder
 DIST = Path("dist")
 DATA, INDEX = Path("datasets/built/default"), Path("datasets/built/index")
 RECIPE = Path("datasets/recipes/default.json")
+CORPUS_MANIFEST = Path("datasets/manifests/default.json")  # the corpus the committed release was built from
 QUESTIONS = Path("datasets/eval/natural.jsonl")
 NATURAL = "eval-natural.json"  # in the champion's folder: its natural questions through torch, onnx and the site
 SITE_CHECK = 50  # a cached release re-asks this many natural questions through the site
@@ -84,8 +91,10 @@ class Stage:
 
 
 class Release:
-    def __init__(self, profile: Profile, cli: Callable[[list[str]], None], log: Callable[[str], None] = print) -> None:
+    def __init__(self, profile: Profile, cli: Callable[[list[str]], None], log: Callable[[str], None] = print,
+                 accept_corpus_change: bool = False) -> None:
         self.p, self.cli, self.log = profile, cli, log
+        self.accept_corpus_change = accept_corpus_change
         self.runs, self.registry, self.sft_data = Path(profile.runs), Path(profile.registry), Path(profile.sft_data)
         self.tokenizer = self.runs / "tokenizer"
         self.base, self.sft = self.runs / f"base-{profile.preset}", self.runs / f"sft-{profile.preset}"
@@ -103,12 +112,13 @@ class Release:
 
     def natural_inputs(self) -> str:
         """What the champion's natural figures are keyed by: the model, the shipped int8 file, the page's
-        code and the questions. Not the index: a corpus rebuilt on another machine differs in a few
-        records, and the cached release's site re-check (SITE_CHECK questions, replies compared with the
-        stored ones) is what shows whether retrieval drifted."""
+        code, the questions and the retrieval index (its files and ranking settings, not when or from
+        which folder it was built; the corpus check makes a clean clone's index the committed one)."""
         web = sorted(p for p in Path("web_static").glob("*") if p.is_file())
+        meta = json.loads((INDEX / "meta.json").read_text())
+        ranking = {k: v for k, v in meta.items() if k not in ("created", "data_dir", "manifest_sha256")}
         return digest(self.champion_dir() / "model.pth", self.export / "onnx" / "model_quantized.onnx", QUESTIONS,
-                      *web, self.p.natural_sample)
+                      *web, self.p.natural_sample, ranking, *(INDEX / part for part in ("docs.bin", "terms", "keys", "text")))
 
     def lock(self) -> dict | None:
         path = self.registry / LOCK
@@ -210,6 +220,30 @@ def _registry(r: Release) -> None:
     r.write_lock()
 
 
+def _corpus(r: Release) -> None:
+    """Compare the built corpus with the committed manifest; the first build of a recipe records it."""
+    from source.corpus.build import manifest_differences
+
+    built = json.loads((DATA / "manifest.json").read_text())
+    write = (json.dumps(built, indent=2, ensure_ascii=False) + "\n").encode()
+    if not CORPUS_MANIFEST.is_file():
+        atomic_write_bytes(CORPUS_MANIFEST, write)
+        r.log(f"release: recorded the corpus in {CORPUS_MANIFEST} (commit it)")
+        return
+    differences = manifest_differences(json.loads(CORPUS_MANIFEST.read_text()), built)
+    if not differences:
+        return
+    shown = "\n  ".join(differences[:12]) + (f"\n  ... {len(differences) - 12} more" if len(differences) > 12 else "")
+    if not r.accept_corpus_change:
+        raise click.ClickException(
+            f"the corpus built here ({DATA / 'manifest.json'}) is not the committed one ({CORPUS_MANIFEST}):\n  {shown}\n"
+            "A different Python, python3-doc, WordNet or FOLDOC version changes what retrieval finds and what the "
+            "site ships. Build where the versions match (see .github/workflows/pages.yml), or pass "
+            "--accept-corpus-change to continue and rewrite the committed manifest for review.")
+    atomic_write_bytes(CORPUS_MANIFEST, write)
+    r.log(f"release: corpus change accepted ({len(differences)} fields); {CORPUS_MANIFEST} rewritten: review and commit it")
+
+
 def _natural(r: Release) -> None:
     """The champion's natural questions through torch, the int8 ONNX file and the site in Chromium, once per
     champion (stored beside it, keyed by `natural_inputs`); a cached release re-asks SITE_CHECK of them
@@ -258,6 +292,7 @@ def _docs(r: Release) -> None:
 STAGES = [
     Stage("data", lambda r: [RECIPE], lambda r: [DATA / "manifest.json"],
           lambda r: r.cli(["data", "build", "--recipe", str(RECIPE), "--out", str(DATA), "--quiet"])),
+    Stage("corpus", lambda r: [], lambda r: [], _corpus, always=True),
     Stage("tokenizer", lambda r: [DATA / "manifest.json", r.p.vocab_size], lambda r: [r.tokenizer / "tokenizer.model"],
           lambda r: r.cli(["tokenizer", "train", "--data", str(DATA), "--out", str(r.tokenizer), "--vocab-size",
                            str(r.p.vocab_size)]), training=True),

@@ -16,7 +16,10 @@ from builder.release import PROFILES, STAGE_NAMES, Release, select
 @click.option("--from", "start", type=click.Choice(STAGE_NAMES), default=None,
               help="Re-run this stage and every one after it, cached or not.")
 @click.option("--only", type=click.Choice(STAGE_NAMES), default=None, help="Run just this stage (forced).")
-def release(profile: str, start: str | None, only: str | None) -> None:
+@click.option("--accept-corpus-change", is_flag=True,
+              help="Continue when the built corpus differs from datasets/manifests/default.json, and rewrite "
+                   "that file (review and commit it).")
+def release(profile: str, start: str | None, only: str | None, accept_corpus_change: bool) -> None:
     """The maintainer's one command: corpus to a GitHub Pages folder (dist/pages: the chat site at
     the root, the docs under docs/) plus dist/release-manifest.json.
 
@@ -41,7 +44,7 @@ def release(profile: str, start: str | None, only: str | None) -> None:
         main.main(args=args, prog_name="builder", standalone_mode=False)
 
     started = time.perf_counter()
-    r = Release(PROFILES[profile], cli, log=click.echo)
+    r = Release(PROFILES[profile], cli, log=click.echo, accept_corpus_change=accept_corpus_change)
     stages, forced = select(start, only)
     try:
         r.execute(stages, forced)

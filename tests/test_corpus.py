@@ -334,3 +334,21 @@ Empty
 def test_help_teaches_with_an_example():
     result = CliRunner().invoke(main, ["data", "build", "--help"])
     assert result.exit_code == 0 and "builder data build --add" in result.output
+
+
+def test_docstrings_do_not_depend_on_the_machine_or_leak_its_environment(monkeypatch, tmp_path):
+    """Signature defaults such as cgi.parse(environ=os.environ) once copied the build machine's environment
+    variables into the corpus, and a virtualenv's setuptools replaced the stdlib's distutils."""
+    import sys
+
+    from source.corpus import docstrings
+
+    monkeypatch.setenv("SUPERMIX_CANARY_TOKEN", "canary-8f2e61")
+    recs = list(docstrings.records())
+    text = "\n".join(r["text"] for r in recs)
+    assert "canary-8f2e61" not in text and "environ({" not in text
+    assert sys.executable not in text and sys.prefix not in text
+    by_id = {r["id"]: r["text"] for r in recs}
+    assert by_id["docstring:platform.architecture"].startswith("platform.architecture(executable=sys.executable,")
+    assert "docstring:distutils.bcppcompiler" in by_id  # the stdlib's own distutils, not setuptools' copy
+    assert list(docstrings.records()) == recs  # and the same on every run

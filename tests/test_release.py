@@ -8,9 +8,8 @@ import pytest
 
 from builder import export_gates
 from builder.cli import main
-from builder.release import Profile, Release, select
+from builder.release import PROFILES, Profile, Release, select
 
-pytestmark = pytest.mark.slow
 
 TRAINING = {"tokenizer", "pretrain", "sft-data", "sft", "registry"}
 
@@ -25,6 +24,7 @@ def _release(profile, calls, start=None, only=None):
     return r, r.publish(time.perf_counter())
 
 
+@pytest.mark.slow
 def test_release_runs_every_stage_then_caches_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a scratch checkout: datasets/, runs/, models/, dist/ all land here
     recipe = tmp_path / "datasets" / "recipes" / "default.json"
@@ -47,7 +47,8 @@ def test_release_runs_every_stage_then_caches_training(tmp_path, monkeypatch):
 
     calls: list[str] = []
     r, summary = _release(profile, calls)
-    assert [s["status"] for s in summary["stages"]] == ["ran"] * 12, summary["stages"]
+    assert [s["status"] for s in summary["stages"]] == ["ran"] * 13, summary["stages"]
+    assert (tmp_path / "datasets" / "manifests" / "default.json").is_file()  # the first build is the reference
     pages = tmp_path / "dist" / "pages"
     for name in ("index.html", ".nojekyll", "docs/index.html"):
         assert (pages / name).is_file(), name
@@ -84,3 +85,39 @@ def test_release_runs_every_stage_then_caches_training(tmp_path, monkeypatch):
 
     recipe.write_text(recipe.read_text().replace('"weight": 1.0', '"weight": 2.0'))
     assert r.training_cached() is None  # a changed recipe invalidates the committed champion's lock
+
+
+def test_release_stops_when_the_built_corpus_is_not_the_committed_one(tiny_workspace, tmp_path, monkeypatch):
+    """Another machine's Python manual (a different version, other record counts) must not ship silently."""
+    monkeypatch.chdir(tmp_path)
+    built = tmp_path / "datasets" / "built" / "default"
+    built.mkdir(parents=True)
+    manifest = json.loads((tiny_workspace["data"] / "manifest.json").read_text())
+    (built / "manifest.json").write_text(json.dumps(manifest))
+    committed = tmp_path / "datasets" / "manifests" / "default.json"
+    committed.parent.mkdir(parents=True)
+    other = json.loads(json.dumps(manifest))
+    other["created"] = "2020-01-01T00:00:00+00:00"  # when and where it was built do not matter
+    for s in other["sources"]:
+        s["path"] = "/elsewhere/" + s["name"]
+    committed.write_text(json.dumps(other))
+
+    def check(accept: bool = False) -> None:
+        r = Release(PROFILES["default"], lambda args: None, log=lambda _: None, accept_corpus_change=accept)
+        r.execute(*select(None, "corpus"))
+
+    check()  # the same corpus: passes
+
+    other["sources"][0]["version"] = "3.12.1"
+    other["sources"][0]["records"]["after_pii"] += 7
+    committed.write_text(json.dumps(other))
+    with pytest.raises(click.ClickException) as err:
+        check()
+    message = err.value.format_message()
+    name = manifest["sources"][0]["name"]
+    assert f"{name}.version: 3.12.1 -> {manifest['sources'][0]['version']}" in message
+    assert f"{name}.records.after_pii" in message and "--accept-corpus-change" in message
+    assert json.loads(committed.read_text()) == other  # nothing rewritten without consent
+
+    check(accept=True)
+    assert json.loads(committed.read_text()) == manifest  # accepted: the committed file now describes this build

@@ -314,3 +314,32 @@ def test_cli_user_errors(tmp_path):
     r = runner.invoke(main, ["index", "build", "--help"])
     assert r.exit_code == 0 and "Examples" in r.output and "builder index build" in r.output
     assert "search" in runner.invoke(main, ["index", "--help"]).output
+
+
+def test_docstrings_are_found_by_the_manuals_wording(tmp_path):
+    """The manual's entry for an API (its heading, signature and description) is filed under the
+    docstring record, so a question worded like the manual finds the docstring; the text is unchanged."""
+    from source.api_manual import manual_entries, manual_entry
+
+    (tmp_path / "recipe.json").write_text(json.dumps({"name": "t", "sources": [
+        {"name": "docstrings", "license": "PSF-2.0"}, {"name": "python-docs", "license": "PSF-2.0"}]}))
+    manifest = build_corpus(tmp_path / "recipe.json", tmp_path / "corpus", val_fraction=0.0, progress=False)
+    if any(s["status"] != "ok" for s in manifest["sources"]):
+        pytest.fail("python3-doc is not installed: run `bash scripts/setup.sh --dev`")
+    recs = records(tmp_path / "corpus")
+    entries = manual_entries(recs.values())
+    join = manual_entry("posixpath.join", entries)  # the docstring's home; the manual says os.path.join
+    assert join.startswith("os.path — Common pathname manipulations\nos.path.join(path, *paths)\n")
+    assert "segments intelligently" in join
+    assert "Glob the given relative" in manual_entry("pathlib.Path.glob", entries)  # "Path.glob" on pathlib's page
+    assert "in place" in manual_entry("builtins.list.reverse", entries)  # list.reverse() in the tutorial
+    assert manual_entry("posixpath.no_such_function", entries) == ""
+
+    meta = build_index(tmp_path / "corpus", tmp_path / "ix", progress=False)
+    assert meta["manual_entries"] > 1000
+    ix = Index(tmp_path / "ix")
+    docstring = recs["docstring:posixpath.join"]["text"]
+    assert "segments" not in docstring and "intelligently" not in docstring  # only the manual says so
+    hits = ix.search("join path segments intelligently", 3)
+    found = [p for p in hits if p.id == "docstring:posixpath.join#0"]
+    assert found and docstring.startswith(found[0].text), [p.id for p in hits]  # shown text: the docstring's own

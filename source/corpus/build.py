@@ -276,3 +276,30 @@ def iter_texts(out_dir: str | Path, split: str) -> Iterator[str]:
     for f in _shards(out_dir, split):
         for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=["text"]):
             yield from batch.column(0).to_pylist()
+
+
+# ----------------------------------------------------------------------------- comparing builds
+
+def _identity(manifest: dict) -> dict[str, object]:
+    """What makes two corpus builds the same corpus, flattened to 'field: value'; not when or where
+    they were built (created, absolute paths)."""
+    flat: dict[str, object] = {"recipe_sha256": manifest.get("recipe_sha256"),
+                               "settings": json.dumps(manifest.get("settings"), sort_keys=True),
+                               "pii_replacements": json.dumps(manifest.get("pii_replacements"), sort_keys=True)}
+    for s in manifest.get("sources", []):
+        for key in ("status", "version", "sha256", "license", "weight"):
+            flat[f"{s.get('name')}.{key}"] = s.get(key)
+        for step, n in (s.get("records") or {}).items():
+            flat[f"{s.get('name')}.records.{step}"] = n
+    for o in manifest.get("outputs", []):
+        flat[f"{o.get('file')}.rows"], flat[f"{o.get('file')}.sha256"] = o.get("rows"), o.get("sha256")
+    for key, value in (manifest.get("totals") or {}).items():
+        flat[f"totals.{key}"] = value
+    return flat
+
+
+def manifest_differences(expected: dict, built: dict) -> list[str]:
+    """Lines 'field: expected -> built' for every way `built` is not the corpus `expected` describes."""
+    a, b = _identity(expected), _identity(built)
+    return [f"{k}: {a.get(k, 'absent')} -> {b.get(k, 'absent')}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k)]

@@ -5,9 +5,12 @@ Design choices:
   side effects (signal handlers, warnings filters, modules that print or touch the terminal); a
   child keeps them out of the builder process and its stdout is never our data channel: the
   records go to a temporary JSON-lines file.
-- `PYTHONHASHSEED=0` in the child so reprs of default values (sets, frozensets) in signatures are
-  the same on every run, and object addresses ("at 0x7f...") are cut: outputs must be
-  byte-identical across rebuilds.
+- Outputs must be byte-identical across rebuilds and machines with the same Python: the child is the
+  base interpreter (not a virtualenv's), started with -S (no site-packages, so setuptools' copy of
+  distutils cannot shadow the stdlib one) and a fixed environment with `PYTHONHASHSEED=0` (reprs of
+  sets in signatures). Defaults that depend on the machine are written as the expression that
+  produced them (`environ=os.environ`, `executable=sys.executable`): the build machine's environment
+  variables, which may hold secrets, must never reach the corpus. Object addresses are cut.
 - GUI, test, interactive and "does something on import" modules are skipped (list below), as are
   private names and names re-exported from another package (they get their own record there).
 - Deduplicated by docstring text: inherited/shared docs ("Return self==value.") appear once.
@@ -58,12 +61,12 @@ def version() -> str:
 
 def records(path: str | None = None, limit: int | None = None) -> Iterator[dict]:
     """Run the harvest in a child interpreter and yield its records."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env.update(PYTHONHASHSEED="0", PYTHONWARNINGS="ignore")
+    env = {"PYTHONHASHSEED": "0", "PYTHONWARNINGS": "ignore", "LC_ALL": "C.UTF-8", "PATH": os.defpath}
+    python = getattr(sys, "_base_executable", None) or sys.executable  # outside any virtualenv
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "docstrings.jsonl"
-        # -P: don't put this folder on sys.path; -s: no user site-packages. Only stdlib is wanted.
-        cmd = [sys.executable, "-P", "-s", __file__, str(out), str(limit or 0)]
+        # -S: no site-packages at all; -P: don't put this folder on sys.path. Only stdlib is wanted.
+        cmd = [python, "-S", "-P", "-s", __file__, str(out), str(limit or 0)]
         proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"docstring harvest failed:\n{proc.stderr[-2000:]}")
@@ -114,13 +117,39 @@ def module_names() -> list[str]:
     return names
 
 
+class _Expression:
+    """A default value shown as the expression that produced it."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _machine_defaults() -> dict[object, str]:
+    """Default values that differ between machines, by the expression that made them."""
+    named = {"sys.executable": sys.executable, "sys.prefix": sys.prefix, "sys.exec_prefix": sys.exec_prefix,
+             "sys.base_prefix": sys.base_prefix, "sys.base_exec_prefix": sys.base_exec_prefix}
+    return {value: name for name, value in reversed(named.items()) if value}
+
+
 def _signature(obj) -> str:
     try:
-        sig = str(inspect.signature(obj))
+        sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return ""
+    machine = _machine_defaults()
+    params = []
+    for p in sig.parameters.values():
+        if p.default is os.environ or p.default is os.environb:
+            p = p.replace(default=_Expression("os.environ" if p.default is os.environ else "os.environb"))
+        elif isinstance(p.default, str) and p.default in machine:
+            p = p.replace(default=_Expression(machine[p.default]))
+        params.append(p)
+    text = str(sig.replace(parameters=params))
     # Default values like <Parser object at 0x7f...> differ every run; drop the address.
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", sig)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
 def harvest(limit: int = 0) -> list[dict]:
