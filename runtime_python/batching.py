@@ -84,10 +84,12 @@ class Slot:
 class Engine:
     """`slots` concurrent requests over one TorchBackend's weights (its own batch-1 cache is unused)."""
 
-    def __init__(self, backend: TorchBackend, slots: int = 8, chunk: int = 64, step_tokens: int = 256) -> None:
+    def __init__(self, backend: TorchBackend, slots: int = 8, chunk: int = 64, step_tokens: int = 256,
+                 prompt_cache: bool = True) -> None:
         if slots < 1 or chunk < 1 or step_tokens < chunk:
             raise ValueError("need slots >= 1, chunk >= 1 and step_tokens >= chunk")
         self.backend, self.n_slots, self.chunk, self.step_tokens = backend, slots, chunk, step_tokens
+        self.prompt_cache = prompt_cache  # off: every prompt is computed in full (for measuring the cache)
         self.cache = KVCache(backend.cfg, slots, dtype=torch.float32, device=backend.device)
         self.tokens: list[list[int]] = [[] for _ in range(slots)]  # the ids whose K/V each row holds
         self.prompted = [0] * slots  # how many of them a prompt computed (the reusable prefix)
@@ -168,7 +170,7 @@ class Engine:
     def _admit(self, s: Slot) -> None:
         """Give `s` a cache row, reusing the longest cached prefix of its prompt."""
         ids, s.prompt = s.prompt, None
-        limit = len(ids) - 1  # the last prompt token always runs: its logits are the answer
+        limit = len(ids) - 1 if self.prompt_cache else 0  # the last prompt token always runs: its logits
 
         def shared(row: int) -> int:
             return common_prefix(self.tokens[row][:self.prompted[row]], ids, limit)

@@ -188,15 +188,23 @@ def ask(question: str, model: str | None, tokenizer: Path | None, index_path: Pa
               help="Address to listen on; 0.0.0.0 exposes the model to your network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Requests that may wait for the model; more get HTTP 503.")
+              help="Requests that may wait for a free slot; more get HTTP 503.")
+@click.option("--slots", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Requests generated at once, batched into one forward pass per step (--backend torch).")
+@click.option("--request-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds a request may wait plus generate; then it stops with the text so far.")
+@click.option("--no-prompt-cache", is_flag=True,
+              help="Compute every prompt in full instead of reusing cached prefixes (for measuring).")
 def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool, device: str,
-          dtype: str, backend_kind: str, host: str, port: int, max_queue: int) -> None:
+          dtype: str, backend_kind: str, host: str, port: int, max_queue: int, slots: int,
+          request_timeout: float, no_prompt_cache: bool) -> None:
     """Serve the web chat page and an OpenAI-compatible API (/v1/chat/completions).
 
     \b
     Examples:
       supermix serve                                # http://127.0.0.1:8000
       supermix serve --port 9000 --model v2
+      supermix serve --slots 16 --max-queue 64      # 16 chats at once, 64 more may wait
     \b
     Any OpenAI client works:
       OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -206,7 +214,8 @@ def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no
     rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype, backend_kind)
     if rt.note:
         click.echo(rt.note, err=True)
-    app = create_app(rt.backend, rt.index, max_queue=max_queue)
+    app = create_app(rt.backend, rt.index, max_queue=max_queue, slots=slots, timeout=request_timeout,
+                     prompt_cache=not no_prompt_cache)
     click.echo(f"supermix: serving {rt.backend.name} on http://{host}:{port}  (API: http://{host}:{port}/v1)")
     run_server(app, host, port)
 

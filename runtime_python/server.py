@@ -5,10 +5,11 @@ Design choices:
   (OpenAI request and response shapes, SSE when `stream`), `/v1/passages/{id}` (the text behind a
   citation). Extension fields: request `retrieval` (bool), `top_k` (sampling), `retrieval_k`,
   `repetition_penalty`; responses carry `citations` on the message / the last stream chunk.
-- One model, one generation at a time: jobs go to a single worker thread; `max_queue` more may
-  wait, the next one gets 503 at once rather than hanging. Every job has a stop Event passed to
-  the engine as `should_stop`; a client that disconnects (polled with `request.is_disconnected()`,
-  or its stream task cancelled) sets it, so its slot frees within one token.
+- One model, `slots` generations at once, batched into one forward pass per step
+  (`runtime_python/batching.py`); `max_queue` more may wait, the next one gets 503 with
+  Retry-After at once rather than hanging. Every job has a stop Event passed to the engine as
+  `should_stop`; a client that disconnects (polled with `request.is_disconnected()`, or its stream
+  task cancelled) sets it, so its slot frees within one step.
 - Every client mistake is a 400 in OpenAI's error shape (`{"error": {message, type, param, code}}`)
   — never a 500: the chat body is read and validated here (size cap, pydantic, then our limits),
   and FastAPI's own 422s and 404s are mapped to the same shape.
@@ -57,7 +58,7 @@ class ApiError(Exception):
 
 def error_response(e: ApiError) -> JSONResponse:
     body = {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-    return JSONResponse(body, status_code=e.status)
+    return JSONResponse(body, status_code=e.status, headers=getattr(e, "headers", None))
 
 
 # ----------------------------------------------------------------------------- request shape
@@ -169,23 +170,41 @@ class Job:
 
 
 class Scheduler:
-    """One generation at a time on one worker thread; at most `max_queue` jobs wait behind it."""
+    """Up to `slots` generations at once, batched step by step by `runtime_python.batching.Engine` (a
+    backend without `forward_rows`, such as ONNX, runs one at a time through `Serial`); at most
+    `max_queue` more wait, the next one gets 503 with Retry-After. A generation that runs past
+    `timeout` seconds stops (finish_reason "stop", the text so far); one that waited that long is a 503."""
 
-    def __init__(self, backend: Any, index: Any, max_queue: int) -> None:
-        self.backend, self.index, self.max_queue = backend, index, max_queue
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="supermix-generate")
+    def __init__(self, backend: Any, index: Any, max_queue: int, slots: int = 8, timeout: float = 300.0,
+                 prompt_cache: bool = True) -> None:
+        from runtime_python.backends import TorchBackend
+        from runtime_python.batching import Engine, Serial
+
+        self.backend, self.index, self.max_queue, self.timeout = backend, index, max_queue, timeout
+        # an exact type check: wrappers (tests' slowed-down backends) keep their own prefill/decode
+        batched = type(backend) is TorchBackend
+        self.engine = Engine(backend, slots, prompt_cache=prompt_cache) if batched else Serial(backend)
+        self.slots = self.engine.n_slots
+        # one thread per slot: the executor's queue is the waiting line, so a started job finds a free slot
+        self.executor = ThreadPoolExecutor(self.slots, thread_name_prefix="supermix-generate")
         self.pending = 0  # running + waiting; touched only on the event loop
-        self.running = False
-        self.stats = {"completed": 0, "cancelled": 0, "rejected": 0}
+        self.running = 0  # generations holding a slot
+        self._lock = threading.Lock()
+        self.stats = {"completed": 0, "cancelled": 0, "rejected": 0, "timed_out": 0, "slots": self.slots}
 
     def submit(self, messages: list[dict], gen: GenerationConfig, retrieval: bool, k: int) -> Job:
-        if self.pending > self.max_queue:  # one running + max_queue waiting
+        from runtime_python.batching import Cancelled
+
+        if self.pending >= self.slots + self.max_queue:
             self.stats["rejected"] += 1
-            raise ApiError(503, f"the model is busy ({self.max_queue} requests waiting); retry shortly",
-                           None, "queue_full", "server_error")
+            e = ApiError(503, f"the model is busy ({self.slots} running, {self.max_queue} waiting); retry shortly",
+                         None, "queue_full", "server_error")
+            e.headers = {"Retry-After": "1"}
+            raise e
         loop = asyncio.get_running_loop()
         job = Job(asyncio.Queue())
         self.pending += 1
+        deadline = time.monotonic() + self.timeout
 
         def put(item: Any) -> None:
             try:
@@ -194,19 +213,33 @@ class Scheduler:
                 job.stop.set()
 
         def run() -> None:
+            slot = None
             try:
                 if job.stop.is_set():  # its client left while it waited
                     return
-                self.running = True
-                for item in generate_stream(self.backend, messages, gen, index=self.index,
+                if time.monotonic() > deadline:
+                    self.stats["timed_out"] += 1
+                    put(ApiError(503, f"waited more than {self.timeout:g} s for the model; retry shortly", None,
+                                 "timeout", "server_error"))
+                    return
+                # the engine drops a client that left at its next step, even in the middle of a prompt
+                slot = self.engine.slot(should_stop=job.stop.is_set)
+                with self._lock:
+                    self.running += 1
+                for item in generate_stream(slot, messages, gen, index=self.index,
                                             retrieval=retrieval and self.index is not None, k=k,
-                                            should_stop=job.stop.is_set):
+                                            should_stop=lambda: job.stop.is_set() or time.monotonic() > deadline):
                     put(item)
+            except Cancelled:  # its client left: nobody reads the queue
+                pass
             except Exception as e:  # delivered to the request; the worker lives on
                 put(e)
             finally:
+                if slot is not None:
+                    slot.release()  # at once: the next request can take the slot
+                    with self._lock:
+                        self.running -= 1
                 job.cancelled = job.stop.is_set()  # only a disconnect sets it before _END is read
-                self.running = False
                 put(_END)
 
         def done(_: Any) -> None:
@@ -252,10 +285,11 @@ def _citations(reply: Reply | None) -> list[dict]:
     return [{"number": c.number, "id": c.id, "title": c.title, "source": c.source} for c in reply.citations]
 
 
-def create_app(backend: Any, index: Any = None, max_queue: int = 16) -> FastAPI:
-    """The FastAPI app serving `backend` (one generation at a time) with optional retrieval."""
+def create_app(backend: Any, index: Any = None, max_queue: int = 16, slots: int = 8, timeout: float = 300.0,
+               prompt_cache: bool = True) -> FastAPI:
+    """The FastAPI app serving `backend` (`slots` generations at once, batched) with optional retrieval."""
     app = FastAPI(title="Supermix", docs_url="/docs", redoc_url=None)
-    sched = Scheduler(backend, index, max_queue)
+    sched = Scheduler(backend, index, max_queue, slots, timeout, prompt_cache)
     app.state.scheduler = sched
     model, created = backend.name, int(time.time())
     context = int(backend.max_seq_len)
@@ -352,7 +386,8 @@ def create_app(backend: Any, index: Any = None, max_queue: int = 16) -> FastAPI:
 
 def _usage(reply: Reply) -> dict:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": reply.cached_tokens}}
 
 
 async def _chain(first: str | Reply, rest: AsyncIterator[str | Reply]) -> AsyncIterator[str | Reply]:

@@ -6,6 +6,7 @@ bit for bit (logits) and so token for token (greedy replies).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -189,3 +190,60 @@ def test_prompt_cache_reuses_prefixes_and_changes_nothing(backend, fresh):
     b1 = fresh()
     run(b1, ask(QUESTIONS[0]))
     assert run(b1, followup).text == again.text and b1.cached_tokens == turn_cached
+
+
+# ----------------------------------------------------------------------------- through the HTTP server
+
+def test_concurrent_streaming_clients_get_their_greedy_replies(backend, fresh):
+    import httpx
+
+    from runtime_python.server import create_app
+    from test_server import ServerThread
+
+    questions = QUESTIONS * 2  # 10 clients, 4 slots: six wait in the queue
+    expected = [run(fresh(), ask(q)).text for q in questions]
+    got: dict[int, tuple[str, dict]] = {}
+
+    def stream(i: int, url: str) -> None:
+        body = {"messages": ask(questions[i]), "stream": True, "temperature": 0, "max_tokens": GREEDY.max_new_tokens,
+                "retrieval": False, "stream_options": {"include_usage": True}}
+        text, usage = [], {}
+        with httpx.Client(timeout=60) as c, c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                assert "error" not in ev, ev
+                text += [c["delta"].get("content", "") for c in ev["choices"]]
+                usage = ev.get("usage") or usage
+        got[i] = "".join(text), usage
+
+    with ServerThread(create_app(backend, None, max_queue=16, slots=4)) as s:
+        threads = [threading.Thread(target=stream, args=(i, s.url)) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        health = httpx.get(f"{s.url}/health").json()
+    assert [got[i][0] for i in range(len(questions))] == expected
+    assert health["completed"] == len(questions) and health["slots"] == 4 and health["running"] == 0
+    # queued requests find the system prompt cached at least; a repeated question all but its last token
+    usage = [got[i][1] for i in range(len(questions))]
+    assert all(0 < u["prompt_tokens_details"]["cached_tokens"] < u["prompt_tokens"] for u in usage[4:])
+    assert any(u["prompt_tokens_details"]["cached_tokens"] == u["prompt_tokens"] - 1 for u in usage[5:])
+
+
+def test_a_full_queue_says_when_to_retry(backend):
+    import httpx
+
+    from runtime_python.server import create_app
+    from test_server import ServerThread, SlowBackend, _long_body, long_seed
+
+    seed = long_seed(backend)
+    with ServerThread(create_app(SlowBackend(backend), None, max_queue=0)) as s:  # a wrapper: one at a time
+        with httpx.Client(timeout=30) as c, c.stream("POST", f"{s.url}/v1/chat/completions",
+                                                     json=_long_body(seed)) as r:
+            assert r.status_code == 200
+            busy = httpx.post(f"{s.url}/v1/chat/completions", json=_long_body(seed, stream=False), timeout=30)
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
