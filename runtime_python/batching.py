@@ -9,7 +9,8 @@ Design choices:
   head_dim), preallocated once; a slot's row holds one sequence from position 0.
 - A step runs every waiting decode (one token each) plus prompt chunks of at most `chunk` tokens,
   oldest request first, up to `step_tokens` prompt tokens in all: a long prompt never holds up the
-  others' decoding for more than one chunk. Requests join and leave between steps.
+  others' decoding for more than one chunk. Requests join and leave between steps; a step first
+  waits up to `gather` seconds for the requests the last one served, so batches stay full.
 - Exact: `TorchBackend.forward_rows` is row-independent, so a request's logits, and so its greedy
   reply, are bit for bit the same alone or in any batch (tests/test_batching.py).
 - Prompt cache: a freed slot keeps its K/V and the ids behind them. A new prompt takes the free slot
@@ -84,12 +85,14 @@ class Slot:
 class Engine:
     """`slots` concurrent requests over one TorchBackend's weights (its own batch-1 cache is unused)."""
 
-    def __init__(self, backend: TorchBackend, slots: int = 8, chunk: int = 64, step_tokens: int = 256,
-                 prompt_cache: bool = True) -> None:
+    def __init__(self, backend: TorchBackend, slots: int = 8, chunk: int = 128, step_tokens: int = 256,
+                 prompt_cache: bool = True, gather: float = 0.005) -> None:
         if slots < 1 or chunk < 1 or step_tokens < chunk:
             raise ValueError("need slots >= 1, chunk >= 1 and step_tokens >= chunk")
         self.backend, self.n_slots, self.chunk, self.step_tokens = backend, slots, chunk, step_tokens
         self.prompt_cache = prompt_cache  # off: every prompt is computed in full (for measuring the cache)
+        self.gather = gather  # seconds a step waits for the requests the last one served (see _loop)
+        self._served: list[Slot] = []
         self.cache = KVCache(backend.cfg, slots, dtype=torch.float32, device=backend.device)
         self.tokens: list[list[int]] = [[] for _ in range(slots)]  # the ids whose K/V each row holds
         self.prompted = [0] * slots  # how many of them a prompt computed (the reusable prefix)
@@ -211,6 +214,11 @@ class Engine:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._closed or self._has_work())
+                # the requests served by the last step are sampling their next token in their own threads
+                # (which need the GIL this thread just gave up): wait a moment for them, so they share this
+                # step instead of each forcing a small step of its own
+                self._cond.wait_for(lambda: self._closed or all(s.released or s.token is not None or s.prompt
+                                                                is not None for s in self._served), self.gather)
                 if self._closed:
                     return
                 dec, decodes, pro, prompts = self._plan()
@@ -223,6 +231,7 @@ class Engine:
             except Exception as e:  # delivered to the requests of this step; the loop lives on
                 logits, error = None, e
             with self._cond:
+                self._served = []
                 self.stats["steps"] += 1
                 self.stats["decode_rows"] += len(decodes)
                 for i, s in enumerate(dec + pro):
@@ -246,6 +255,7 @@ class Engine:
                             continue
                     s.logits = logits[i]
                     s.done.set()
+                    self._served.append(s)
 
 
 class Serial:

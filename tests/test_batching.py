@@ -228,10 +228,11 @@ def test_concurrent_streaming_clients_get_their_greedy_replies(backend, fresh):
         health = httpx.get(f"{s.url}/health").json()
     assert [got[i][0] for i in range(len(questions))] == expected
     assert health["completed"] == len(questions) and health["slots"] == 4 and health["running"] == 0
-    # queued requests find the system prompt cached at least; a repeated question all but its last token
-    usage = [got[i][1] for i in range(len(questions))]
-    assert all(0 < u["prompt_tokens_details"]["cached_tokens"] < u["prompt_tokens"] for u in usage[4:])
-    assert any(u["prompt_tokens_details"]["cached_tokens"] == u["prompt_tokens"] - 1 for u in usage[5:])
+    # only the first wave (4 slots) can find nothing cached; the rest find the system prompt at least, and a
+    # repeated question all but its last token
+    cached = [(u["prompt_tokens_details"]["cached_tokens"], u["prompt_tokens"]) for _, u in got.values()]
+    assert sum(c == 0 for c, _ in cached) <= 4 and all(c < n for c, n in cached)
+    assert any(c == n - 1 for c, n in cached)
 
 
 def test_a_full_queue_says_when_to_retry(backend):
