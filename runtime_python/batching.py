@@ -1,10 +1,12 @@
 """Continuous batching: many conversations through one model, one batched forward pass per step.
 
 Design choices:
-- One loop thread owns the forward pass; each request is an ordinary `generate_stream` in its own
-  thread, talking to a `Slot`: a ChatBackend whose `prefill`/`decode` block until the loop's next
-  step has produced that request's logits. So sampling, stops, retrieval and the prompt builder stay
-  the one implementation, and the engine only decides what runs in each forward pass.
+- Each request is an ordinary `generate_stream` in its own thread, talking to a `Slot`: a ChatBackend
+  whose `prefill`/`decode` return once a batched step has produced that request's logits. So sampling,
+  stops, retrieval and the prompt builder stay the one implementation, and the engine only decides
+  what runs in each forward pass. There is no engine thread: a waiting request runs the next step
+  itself, for everyone ready, when no other request is running one. A lone request so never hands
+  off to another thread (on a loaded machine each wake-up costs milliseconds, per token).
 - The cache is the model's `KVCache` with one batch row per slot, (layers, slots, kv_heads, max_seq,
   head_dim), preallocated once; a slot's row holds one sequence from position 0.
 - A step runs every waiting decode (one token each) plus prompt chunks of at most `chunk` tokens,
@@ -91,7 +93,7 @@ class Engine:
             raise ValueError("need slots >= 1, chunk >= 1 and step_tokens >= chunk")
         self.backend, self.n_slots, self.chunk, self.step_tokens = backend, slots, chunk, step_tokens
         self.prompt_cache = prompt_cache  # off: every prompt is computed in full (for measuring the cache)
-        self.gather = gather  # seconds a step waits for the requests the last one served (see _loop)
+        self.gather = gather  # seconds a step waits for the requests the last one served (see _step)
         self._served: list[Slot] = []
         self.cache = KVCache(backend.cfg, slots, dtype=torch.float32, device=backend.device)
         self.tokens: list[list[int]] = [[] for _ in range(slots)]  # the ids whose K/V each row holds
@@ -103,8 +105,7 @@ class Engine:
         self._order = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="supermix-engine", daemon=True)
-        self._thread.start()
+        self._stepping = False  # a request's thread is running a step (see _call)
 
     # -- the request side
 
@@ -136,7 +137,18 @@ class Engine:
             else:
                 s.token = token
             self._cond.notify_all()
-        s.done.wait()
+            # no engine thread: a waiting request whose logits are not there yet runs the next step itself
+            # when no one else is (a lone request never hands off to another thread), else waits for it
+            while not s.done.is_set():
+                if self._stepping:
+                    self._cond.wait()
+                    continue
+                self._stepping = True
+                try:
+                    self._step()
+                finally:
+                    self._stepping = False
+                    self._cond.notify_all()  # those served, and the next leader
         if s.error is not None:
             raise s.error
         return s.logits
@@ -163,12 +175,8 @@ class Engine:
             for s in list(self.live):
                 self._release(s, RuntimeError("the engine is closed"))
             self._cond.notify_all()
-        self._thread.join(10)
 
     # -- the loop
-
-    def _has_work(self) -> bool:
-        return any(s.prompt is not None or s.todo or s.token is not None for s in self.live)
 
     def _admit(self, s: Slot) -> None:
         """Give `s` a cache row, reusing the longest cached prefix of its prompt."""
@@ -210,52 +218,49 @@ class Engine:
             chunks.append((s.row, s.pos, s.todo[:take]))
         return dec, [(s.row, s.pos, s.token) for s in dec], pro, chunks
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._closed or self._has_work())
-                # the requests served by the last step are sampling their next token in their own threads
-                # (which need the GIL this thread just gave up): wait a moment for them, so they share this
-                # step instead of each forcing a small step of its own
-                self._cond.wait_for(lambda: self._closed or all(s.released or s.token is not None or s.prompt
-                                                                is not None for s in self._served), self.gather)
-                if self._closed:
-                    return
-                dec, decodes, pro, prompts = self._plan()
-            if not decodes and not prompts:
+    def _step(self) -> None:
+        """One batched forward for every request that is ready. Called with the lock held, by the thread
+        that leads this step; the lock is let go during the forward so others can queue their next call."""
+        # the requests served by the last step are sampling their next token in their own threads: wait
+        # a moment for them, so they share this step instead of each forcing a small step of its own
+        self._cond.wait_for(lambda: self._closed or all(s.released or s.token is not None or s.prompt is not None
+                                                        for s in self._served), self.gather)
+        dec, decodes, pro, prompts = self._plan()
+        if not decodes and not prompts:
+            return
+        self._cond.release()
+        try:
+            with torch.inference_mode():
+                logits, error = self.backend.forward_rows(decodes, prompts, self.cache), None
+        except Exception as e:  # delivered to the requests of this step; the engine lives on
+            logits, error = None, e
+        finally:
+            self._cond.acquire()
+        self._served = []
+        self.stats["steps"] += 1
+        self.stats["decode_rows"] += len(decodes)
+        for i, s in enumerate(dec + pro):
+            if s.released:  # released during the step: its row may already be someone else's
                 continue
-            try:
-                with torch.inference_mode():
-                    logits = self.backend.forward_rows(decodes, prompts, self.cache)
-                error = None
-            except Exception as e:  # delivered to the requests of this step; the loop lives on
-                logits, error = None, e
-            with self._cond:
-                self._served = []
-                self.stats["steps"] += 1
-                self.stats["decode_rows"] += len(decodes)
-                for i, s in enumerate(dec + pro):
-                    if s.released:  # released during the step: its row may already be someone else's
-                        continue
-                    if error is not None:
-                        s.todo, s.token, s.error = [], None, error
-                        s.done.set()
-                        continue
-                    if i < len(dec):
-                        self.tokens[s.row].append(s.token)
-                        s.pos, s.token = s.pos + 1, None
-                    else:
-                        ran = prompts[i - len(dec)][2]
-                        self.tokens[s.row].extend(ran)
-                        s.pos += len(ran)
-                        self.prompted[s.row] = s.pos
-                        s.todo = s.todo[len(ran):]
-                        self.stats["prompt_tokens"] += len(ran)
-                        if s.todo:
-                            continue
-                    s.logits = logits[i]
-                    s.done.set()
-                    self._served.append(s)
+            if error is not None:
+                s.todo, s.token, s.error = [], None, error
+                s.done.set()
+                continue
+            if i < len(dec):
+                self.tokens[s.row].append(s.token)
+                s.pos, s.token = s.pos + 1, None
+            else:
+                ran = prompts[i - len(dec)][2]
+                self.tokens[s.row].extend(ran)
+                s.pos += len(ran)
+                self.prompted[s.row] = s.pos
+                s.todo = s.todo[len(ran):]
+                self.stats["prompt_tokens"] += len(ran)
+                if s.todo:
+                    continue
+            s.logits = logits[i]
+            s.done.set()
+            self._served.append(s)
 
 
 class Serial:
