@@ -15,8 +15,8 @@ Design choices:
   an `error` event, a missing [DONE], or a transport exception.
 - The server batches up to `--slots` requests per forward pass; more wait in its queue, and past
   `--max-queue` get 503: a client then waits the Retry-After it was given, as a polite client would.
-- `--sweep` runs the documented set, each on a freshly started server: 1 and 16 clients, 16 again
-  with `--no-prompt-cache`, then 64 clients for 60 s with a queue of 16 (errors, 503s, the server's
+- `--sweep` runs the documented set, each on a freshly started server: 1 and 16 clients, each
+  again with `--no-prompt-cache`, then 64 clients for 60 s with a queue of 16 (errors, 503s, the server's
   RSS at start and end). The load average is printed: on a shared machine it is part of the result.
 """
 
@@ -184,7 +184,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def sweep(args: argparse.Namespace) -> int:
     """The documented runs, one fresh server each; a markdown table out."""
-    runs = [("1 client", 1, args.seconds, None, True), ("16 clients", 16, args.seconds, None, True),
+    runs = [("1 client", 1, args.seconds, None, True), ("1 client, no prompt cache", 1, args.seconds, None, False),
+            ("16 clients", 16, args.seconds, None, True),
             ("16 clients, no prompt cache", 16, args.seconds, None, False),
             ("64 clients, queue 16", 64, 60.0, 16, True)]
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", help="retrieval index [default: datasets/built/index]")
     p.add_argument("--no-retrieval", action="store_true")
     p.add_argument("--slots", type=int, default=16, help="the server's --slots")
+    p.add_argument("--no-prompt-cache", action="store_true", help="the server's --no-prompt-cache")
     p.add_argument("--sweep", action="store_true", help="1, 16 (with and without prompt cache) and 64 clients")
     args = p.parse_args(argv)
     if not (1 <= args.clients <= 256 and 0 < args.seconds <= 600):
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args, args.clients)
+        proc, url = start_server(args, args.clients, prompt_cache=not args.no_prompt_cache)
     try:
         print(f"load: {args.clients} streaming clients x {args.seconds:g} s against {url} "
               f"(max_tokens {args.max_tokens})", flush=True)
