@@ -10,6 +10,9 @@ Design choices:
 - the YAML front matter is dumped with pyyaml, not templated, so it always parses
 - model outputs are quoted between `<!-- samples -->` markers: they are the model's words and are
   exempt from the placeholder check (a model may well say "None")
+- the card becomes HTML (docs, Hub, the site's model page) and quotes text nobody here wrote: registry
+  notes, eval prompts, answers copying the corpus' <script> examples. So Jinja autoescapes every value
+  into character references; filters that add Markdown syntax (`cell`, `code`, `blockquote`) escape first
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import click
 import yaml
+from markupsafe import Markup, escape
 
 from source.registry import CHAMPION_RULE, Registry, RegistryError, Version
 from source.run_logs import PRETRAIN_LOG, TRAINING_LOG, read_metrics
@@ -87,10 +91,24 @@ def _natural(path: Path) -> dict | None:
     return {"n_items": nat.get("n_items"), "paths": list(paths), "rows": rows, "agreement": agree}
 
 
-def _code_cell(token: str) -> str:
-    # `<|end|>` in a table: GFM and Python-Markdown both split cells on its `|`, even inside backticks, and
-    # disagree on `\|`; an HTML code element with entities renders the same in both
-    return "<code>" + token.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;") + "</code>"
+def _cell(value: Any) -> Markup:
+    # `<|end|>` in a table: GFM splits cells on its `|` even inside backticks, and GFM and Python-Markdown
+    # disagree on `\|`; the character reference renders as "|" in both (and in web_static/markdown.js)
+    return Markup(str(escape(str(value))).replace("|", "&#124;").replace("\n", " "))
+
+
+def _code(value: Any) -> Markup:
+    """`value` as a code span: nothing inside is markup, so no escaping, only a fence longer than any
+    backtick run in it and no line break (a blank line would leave the span unclosed)."""
+    text = " ".join(str(value).splitlines())
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return Markup(f"{fence}{pad}{text}{pad}{fence}")
+
+
+def _blockquote(value: Any) -> Markup:
+    """Every line of `value`, escaped, inside a Markdown block quote (a bare newline would leave it)."""
+    return Markup("\n".join("> " + str(escape(line)) for line in str(value).splitlines() or [""]))
 
 
 def placeholders(text: str) -> list[str]:
@@ -297,7 +315,7 @@ def card_context(registry: Registry, ref: str, export_dir: Path | None = None,
             ("context window", f"{c['max_seq_len']:,} tokens")],
         "tokenizer": [("type", "SentencePiece BPE with byte fallback (`tokenizer.model`), plus `tokenizer.json`"),
                       ("vocabulary", f"{c['vocab_size']:,}"),
-                      ("special tokens", ", ".join(map(_code_cell, _special_tokens(tok_dir)))),
+                      ("special tokens", ", ".join(_special_tokens(tok_dir))),
                       ("tokenizer sha256", f"`{v.tokenizer_sha256}`")],
         "dataset": _dataset(v, dataset_manifest),
         "training": _training_rows(v, folder),
@@ -357,9 +375,8 @@ def render_card(ctx: dict) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    # a `|` inside a table cell (the chat tokens `<|end|>`) would end the cell, even inside backticks
-    env.filters["cell"] = lambda x: str(x).replace("|", "\\|").replace("\n", " ")
+                             autoescape=True, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(cell=_cell, code=_code, blockquote=_blockquote)
     body = env.get_template("model_card.md.j2").render(**ctx)
     text = "---\n" + yaml.safe_dump(front_matter(ctx), sort_keys=False, allow_unicode=True) + "---\n\n" + body
     if bad := placeholders(text):

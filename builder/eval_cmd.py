@@ -91,6 +91,8 @@ def print_held_out(report: dict) -> None:
               help="Export folder for --via onnx.")
 @click.option("--site", "site_dir", default="dist/pages", show_default=True, type=click.Path(path_type=Path),
               help="Built site folder for --via site.")
+@click.option("--dtype", type=click.Choice(["q8", "fp32"]), default="q8", show_default=True,
+              help="ONNX file for --via onnx and site: the int8 file the site ships, or the fp32 one.")
 @click.option("--held-out/--no-held-out", "held_out", default=None,
               help="Also run the template held-out report [default: only without --questions].")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
@@ -109,7 +111,7 @@ def print_held_out(report: dict) -> None:
               help="Store the held-out metrics in the registry when --model is a registry version.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_(model_spec: str | None, tokenizer_dir: Path | None, data_dir: Path, sft_dir: Path, index_path: Path,
-          questions: Path | None, via: str, export_dir: Path, site_dir: Path,
+          questions: Path | None, via: str, export_dir: Path, site_dir: Path, dtype: str,
           held_out: bool | None, limit: int | None, sample: int | None, seed: int, max_new_tokens: int | None,
           out_path: Path | None, root: Path, record: bool, quiet: bool) -> None:
     """Evaluate a model and write a JSON report (and markdown tables).

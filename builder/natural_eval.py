@@ -43,7 +43,8 @@ from source.files import sha256_file
 from source.natural_eval import METRICS, aggregate, agreement, load_items, score_item
 
 PATHS = ("torch", "onnx", "site")
-ONNX_FILE = "onnx/model_quantized.onnx"
+ONNX_FILES = {"q8": "onnx/model_quantized.onnx", "fp32": "onnx/model.onnx"}  # what the site and OnnxBackend load
+ONNX_FILE = ONNX_FILES["q8"]  # the file the site ships by default
 CHROMIUM = Path("/usr/bin/chromium")
 # headless Chromium's flags for the site (docs/pages/decisions.md); tests/test_site.py and
 # benchmarks/browser.py launch it with these too
@@ -136,23 +137,23 @@ def torch_path(model_spec: str | None, root: Path, tokenizer_dir: Path | None, i
 
 
 def onnx_path(export_dir: Path, items: list[dict], max_new_tokens: int,
-              progress: bool = True) -> dict:
+              progress: bool = True, dtype: str = "q8") -> dict:
     from runtime_python.onnx_backend import OnnxBackend
 
-    onnx_file = export_dir / ONNX_FILE
+    onnx_file = export_dir / ONNX_FILES[dtype]
     if not onnx_file.is_file() or not (export_dir / "config.json").is_file():
-        raise EvalSetupError(f"{export_dir} is not an export folder with {ONNX_FILE}: run "
+        raise EvalSetupError(f"{export_dir} is not an export folder with {ONNX_FILES[dtype]}: run "
                              f"`builder export --out {export_dir}` or pass --export DIR")
     where = export_dir / "index"
     index = _index(where)
     try:
-        backend = OnnxBackend(export_dir, "q8")
+        backend = OnnxBackend(export_dir, dtype)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise EvalSetupError(str(e)) from None
     manifest = _read_json(export_dir / "manifest.json")
-    info = {"export": str(export_dir), "onnx_file": ONNX_FILE, "onnx_sha256": sha256_file(onnx_file),
+    info = {"export": str(export_dir), "onnx_file": ONNX_FILES[dtype], "onnx_sha256": sha256_file(onnx_file),
             "model_version": manifest.get("model_version"), "source_checkpoint": manifest.get("source_checkpoint"),
-            "backend": "onnxruntime int8 cpu", "retrieval": str(where)}
+            "backend": f"onnxruntime {dtype} cpu", "retrieval": str(where)}
     try:
         return {**info, "results": run_engine(backend, index, items, max_new_tokens, "onnx", progress)}
     finally:
@@ -205,12 +206,12 @@ def _wait(page, expr: str, timeout: float):
 
 
 def site_path(site_dir: Path, items: list[dict], max_new_tokens: int, progress: bool = True,
-              chromium: Path = CHROMIUM) -> dict:
+              chromium: Path = CHROMIUM, dtype: str = "q8") -> dict:
     from tqdm import tqdm
 
-    model = site_dir / "models" / "supermix" / ONNX_FILE
+    model = site_dir / "models" / "supermix" / ONNX_FILES[dtype]
     if not (site_dir / "index.html").is_file() or not (site_dir / "site.json").is_file() or not model.is_file():
-        raise EvalSetupError(f"{site_dir} is not a built site (index.html, site.json, models/supermix/{ONNX_FILE}): "
+        raise EvalSetupError(f"{site_dir} is not a built site (index.html, site.json, models/supermix/{ONNX_FILES[dtype]}): "
                              f"run `builder site --out {site_dir}` or pass --site DIR")
     if not Path(chromium).is_file():
         raise EvalSetupError(f"{chromium} not found: install Debian's chromium (apt-get install chromium)")
@@ -220,9 +221,9 @@ def site_path(site_dir: Path, items: list[dict], max_new_tokens: int, progress: 
         raise EvalSetupError("the playwright package is missing: pip install playwright "
                              "(its browser download is not needed)") from None
     config = _read_json(site_dir / "site.json")
-    info = {"site": str(site_dir), "onnx_file": f"models/supermix/{ONNX_FILE}", "onnx_sha256": sha256_file(model),
+    info = {"site": str(site_dir), "onnx_file": f"models/supermix/{ONNX_FILES[dtype]}", "onnx_sha256": sha256_file(model),
             "model_version": config.get("model_version"), "cache_key": config.get("cache_key"),
-            "backend": "chromium onnxruntime-web wasm int8", "retrieval": "site index (web_static/retrieval.js)"}
+            "backend": f"chromium onnxruntime-web wasm {dtype}", "retrieval": "site index (web_static/retrieval.js)"}
     external: list[str] = []
     results = []
     with serve(site_dir) as base, sync_playwright() as p:
@@ -239,7 +240,7 @@ def site_path(site_dir: Path, items: list[dict], max_new_tokens: int, progress: 
             ctx.route("**/*", route)
             page = ctx.new_page()
             t0 = time.perf_counter()
-            page.goto(f"{base}?temperature=0&max_new_tokens={max_new_tokens}&nosw=1")
+            page.goto(f"{base}?temperature=0&max_new_tokens={max_new_tokens}&nosw=1&dtype={dtype}")
             # ready, or the page's own "Could not load the model" (a warning such as "retrieval off" is not fatal)
             _wait(page, "window.supermix && (window.supermix.ready || "
                         "document.getElementById('progress-label').textContent.startsWith('Could not load'))",
@@ -279,7 +280,7 @@ def evaluate_natural(questions: Path, via: list[str], *, model_spec: str | None 
                      tokenizer_dir: Path | None = None, index_path: Path = Path("datasets/built/index"),
                      export_dir: Path = Path("dist/export"), site_dir: Path = Path("dist/pages"),
                      limit: int | None = None, sample: int | None = None,
-                     seed: int = 0, max_new_tokens: int | None = None, progress: bool = True) -> dict:
+                     seed: int = 0, max_new_tokens: int | None = None, progress: bool = True, dtype: str = "q8") -> dict:
     """Score the questions through each path in `via`; the report described in the module docstring.
     Raises ItemError (bad JSONL line) or EvalSetupError (a missing input)."""
     from runtime_python.generation import GenerationConfig
@@ -289,15 +290,15 @@ def evaluate_natural(questions: Path, via: list[str], *, model_spec: str | None 
     max_new_tokens = max_new_tokens or GenerationConfig().max_new_tokens
     report = {"questions": str(questions), "questions_sha256": sha256_file(Path(questions)), "n_items_file": len(all_items),
               "n_items": len(items), "selection": {"limit": limit, "sample": sample, "seed": seed if sample else None},
-              "max_new_tokens": max_new_tokens, "temperature": 0, "paths": {}}
+              "max_new_tokens": max_new_tokens, "temperature": 0, "onnx_dtype": dtype, "paths": {}}
     for name in via:
         t0 = time.perf_counter()
         if name == "torch":
             run = torch_path(model_spec, root, tokenizer_dir, index_path, items, max_new_tokens, progress)
         elif name == "onnx":
-            run = onnx_path(export_dir, items, max_new_tokens, progress)
+            run = onnx_path(export_dir, items, max_new_tokens, progress, dtype=dtype)
         else:
-            run = site_path(site_dir, items, max_new_tokens, progress)
+            run = site_path(site_dir, items, max_new_tokens, progress, dtype=dtype)
         results = run.pop("results")
         scored = [(item, score_item(item, r["reply"], r["citations"], r["shown"])) for item, r in zip(items, results)]
         seconds = time.perf_counter() - t0

@@ -48,6 +48,11 @@ def release(profile: str, start: str | None, only: str | None, accept_corpus_cha
     stages, forced = select(start, only)
     try:
         r.execute(stages, forced)
+        if not any(s.name == "site" for s in stages):  # --only data/index/export/...: nothing new to publish
+            for s in r.report:
+                click.echo(f"{s['stage']:<10} {s['status']:<7} {s['seconds']:>8.1f}  {s['note']}")
+            click.echo(f"release: --only {only}; dist/pages left as it was")
+            return
         if not (r.export / "manifest.json").is_file():
             raise click.ClickException("no export to publish: run `builder release --only export` first")
         summary = r.publish(started)

@@ -58,7 +58,7 @@ def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: P
       builder sft --preset small --base runs/base-small/model.pth --lora --lora-rank 16
       builder sft --preset small --base runs/base-small/model.pth --out runs/sft-small --resume
     """
-    from source.checkpoint import load_model, read_checkpoint
+    from source.checkpoint import CheckpointError, load_model, read_checkpoint
     from source.files import sha256_file
     from source.config import ModelConfig, train_config
     from source.sft_batches import ChatBatches, read_jsonl
@@ -90,11 +90,14 @@ def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: P
     state = process_state()
     if state.is_main_process:
         click.echo(f"data: {len(data):,} train chats, {len(data.splits['val']):,} held-out ({data_dir})")
-    result = train(ModelConfig(**base_ckpt["config"]), tcfg, data, out_dir, tokenizer_sha256=tok.sha256,
-                   kind="lora-merged" if lora else "sft", resume=resume, init_from=base,
-                   lora_rank=lora_rank if lora else 0, lora_alpha=lora_alpha, time_budget_s=time_budget,
-                   metadata={"parent_checkpoint": str(base), "parent_sha256": base_sha, "preset": preset,
-                             "sft_data": str(data_dir), "base_step": base_ckpt.get("step")})
+    try:
+        result = train(ModelConfig(**base_ckpt["config"]), tcfg, data, out_dir, tokenizer_sha256=tok.sha256,
+                       kind="lora-merged" if lora else "sft", resume=resume, init_from=base,
+                       lora_rank=lora_rank if lora else 0, lora_alpha=lora_alpha, time_budget_s=time_budget,
+                       metadata={"parent_checkpoint": str(base), "parent_sha256": base_sha, "preset": preset,
+                                 "sft_data": str(data_dir), "base_step": base_ckpt.get("step")})
+    except (FileNotFoundError, CheckpointError) as exc:  # nothing to resume, or a torn or foreign checkpoint
+        raise click.ClickException(str(exc)) from None
     if not state.is_main_process:
         return
     click.echo(json.dumps(vars(result)))

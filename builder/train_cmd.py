@@ -58,7 +58,7 @@ def pretrain(preset: str, overrides: tuple[str, ...], data_dir: Path, tokenizer_
       builder pretrain --preset small --out runs/base --resume
       accelerate launch --multi_gpu --num_processes 2 $(which builder) pretrain --preset tiny
     """
-    from source.checkpoint import load_model
+    from source.checkpoint import CheckpointError, load_model
     from source.token_data import TokenShards, build_token_shards, default_token_dir
     from source.tokenizer import Tokenizer
     from source.train import process_state, train
@@ -85,7 +85,7 @@ def pretrain(preset: str, overrides: tuple[str, ...], data_dir: Path, tokenizer_
         result = train(mcfg, tcfg, data, out_dir, tokenizer_sha256=tok.sha256, kind="pretrain", resume=resume,
                        time_budget_s=time_budget,
                        metadata={"corpus_manifest_sha256": meta["corpus_manifest_sha256"], "preset": preset})
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CheckpointError) as exc:  # nothing to resume, or a torn or foreign checkpoint
         raise click.ClickException(str(exc)) from None
     if not state.is_main_process:
         return

@@ -14,6 +14,10 @@ Design choices:
   Reply. "".join(deltas) == Reply.text. `should_stop()` is polled before every token; stopping
   gives finish_reason "stop" and the partial text. Reply.seconds is the whole request (retrieval,
   prefill, decode); tokens_per_second = completion_tokens / seconds, the speed the user saw.
+- Two optional extras for the HTTP API, both outside the token loop's logic: `prompt_ids` replaces
+  the chat prompt with ready ids (a raw completion: no template, no retrieval, and the reply
+  continues the prompt, so a leading space is kept), and `on_token(id, logits)` sees every reply
+  token with the raw logits it was sampled from (the API's logprobs), before its text is yielded.
 - `ChatSession` keeps the history for the terminal; a turn is recorded when its stream ends, also
   when it is stopped or closed early (with the partial reply), not when the prompt was rejected.
 """
@@ -23,6 +27,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
+
+import torch
 
 from source.prompt import build_prompt, cited_numbers, retrieval_query
 from source.sft_data import DEFAULT_SYSTEM_PROMPT, prepare_context
@@ -63,19 +69,27 @@ class Reply:
 
 def generate_stream(backend: ChatBackend, messages: list[dict], gen: GenerationConfig, index=None,
                     retrieval: bool = True, k: int = 3, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                    should_stop: Callable[[], bool] | None = None) -> Iterator[str | Reply]:
-    """Text deltas of the reply, then one Reply. Stateless: `messages` is the whole conversation."""
+                    should_stop: Callable[[], bool] | None = None, prompt_ids: list[int] | None = None,
+                    on_token: Callable[[int, torch.Tensor], None] | None = None) -> Iterator[str | Reply]:
+    """Text deltas of the reply, then one Reply. Stateless: `messages` is the whole conversation
+    (ignored when `prompt_ids` is given)."""
     t0 = time.perf_counter()
     gen = gen.validate()
     tok = backend.tokenizer
-    question = retrieval_query(messages, system_prompt)
-    passages = prepare_context(index.search(question, k)) if index is not None and retrieval and k > 0 else []
-    prompt = build_prompt(tok, messages, passages, system_prompt, gen.max_new_tokens, backend.max_seq_len)
-    ids = prompt.ids
+    if prompt_ids is None:
+        question = retrieval_query(messages, system_prompt)
+        passages = prepare_context(index.search(question, k)) if index is not None and retrieval and k > 0 else []
+        prompt = build_prompt(tok, messages, passages, system_prompt, gen.max_new_tokens, backend.max_seq_len)
+        ids, shown = prompt.ids, prompt.passages
+    else:
+        if len(prompt_ids) + gen.max_new_tokens > backend.max_seq_len:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({gen.max_new_tokens}) "
+                             f"exceed the model's context of {backend.max_seq_len} tokens")
+        ids, shown = list(prompt_ids), []
     # <|end|> and </s> end a reply; <s> or another chat-role token means the model began a new turn
     end_ids = {tok.eos_id, tok.bos_id, *tok.special_ids.values()}
     rng = make_generator(gen.seed)
-    detok, stops = IncrementalDetokenizer(tok), StopChecker(gen.stop)
+    detok, stops = IncrementalDetokenizer(tok, continuation=prompt_ids is not None), StopChecker(gen.stop)
     out: list[int] = []
     parts: list[str] = []
     finish = "length"
@@ -90,6 +104,8 @@ def generate_stream(backend: ChatBackend, messages: list[dict], gen: GenerationC
             finish = "stop"
             break
         out.append(next_id)
+        if on_token is not None:
+            on_token(next_id, logits)
         delta = stops.push(detok.push(next_id))
         if delta:
             parts.append(delta)
@@ -105,7 +121,7 @@ def generate_stream(backend: ChatBackend, messages: list[dict], gen: GenerationC
         yield tail
     text = "".join(parts)
     sources = [Citation(i, p.get("id", ""), p.get("title", ""), p.get("source", ""), p.get("text", ""))
-               for i, p in enumerate(prompt.passages, 1)]
+               for i, p in enumerate(shown, 1)]
     cited = set(cited_numbers(text))
     seconds = time.perf_counter() - t0
     yield Reply(text=text, citations=[c for c in sources if c.number in cited], prompt_tokens=len(ids),

@@ -182,28 +182,53 @@ def ask(question: str, model: str | None, tokenizer: Path | None, index_path: Pa
     ask_once(rt.backend, rt.index, gen, question, as_json=as_json)
 
 
+def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> None:
+    """Refuse to serve beyond this machine without a key (ClickException), unless told to."""
+    from runtime_python.guard import is_loopback
+
+    if is_loopback(host) or api_key or insecure_no_auth:
+        return
+    raise click.ClickException(
+        f"refusing to serve on {host} without an API key: anyone who can reach this address could use the model. "
+        "Pass --api-key KEY (or set SUPERMIX_API_KEY), or --insecure-no-auth if the network is yours alone.")
+
+
 @main.command()
 @_model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; 0.0.0.0 exposes the model to your network.")
+              help="Address to listen on; a non-loopback one (0.0.0.0) needs --api-key or --insecure-no-auth.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Requests that may wait for a free slot; more get HTTP 503.")
+              help="Requests that may wait for a free slot; more get HTTP 503 with Retry-After.")
 @click.option("--slots", type=click.IntRange(1, 256), default=8, show_default=True,
               help="Requests generated at once, batched into one forward pass per step (--backend torch).")
-@click.option("--request-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
-              help="Seconds a request may wait plus generate; then it stops with the text so far.")
 @click.option("--no-prompt-cache", is_flag=True,
               help="Compute every prompt in full instead of reusing cached prefixes (for measuring).")
+@click.option("--api-key", envvar="SUPERMIX_API_KEY", default=None, metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 (env: SUPERMIX_API_KEY); the page asks for it.")
+@click.option("--insecure-no-auth", is_flag=True, help="Serve a non-loopback --host without an API key.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also accept this Host header name (repeatable; '*' = any). Loopback names, the bound "
+                   "address and IP addresses are always accepted.")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="Allow cross-origin browser calls (CORS) from this origin, e.g. https://app.example "
+                   "(repeatable). Default: same-origin only.")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=None,
+              help="Largest max_tokens a request may ask for [default: the model's context].")
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Stop a request (HTTP 504) that runs longer than this, queueing included [default: none].")
 def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool, device: str,
-          dtype: str, backend_kind: str, host: str, port: int, max_queue: int, slots: int,
-          request_timeout: float, no_prompt_cache: bool) -> None:
-    """Serve the web chat page and an OpenAI-compatible API (/v1/chat/completions).
+          dtype: str, backend_kind: str, host: str, port: int, max_queue: int, api_key: str | None,
+          insecure_no_auth: bool, allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...],
+          max_tokens_limit: int | None, request_timeout: float | None, slots: int,
+          no_prompt_cache: bool) -> None:
+    """Serve the web chat page and an OpenAI-compatible API (/v1/chat/completions, /v1/completions).
 
     \b
     Examples:
       supermix serve                                # http://127.0.0.1:8000
       supermix serve --port 9000 --model v2
+      SUPERMIX_API_KEY=s3cret supermix serve --host 0.0.0.0
       supermix serve --slots 16 --max-queue 64      # 16 chats at once, 64 more may wait
     \b
     Any OpenAI client works:
@@ -211,12 +236,16 @@ def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no
     """
     from runtime_python.server import create_app, run_server
 
+    check_exposure(host, api_key, insecure_no_auth)  # before the slow model load
     rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype, backend_kind)
     if rt.note:
         click.echo(rt.note, err=True)
-    app = create_app(rt.backend, rt.index, max_queue=max_queue, slots=slots, timeout=request_timeout,
-                     prompt_cache=not no_prompt_cache)
-    click.echo(f"supermix: serving {rt.backend.name} on http://{host}:{port}  (API: http://{host}:{port}/v1)")
+    app = create_app(rt.backend, rt.index, max_queue=max_queue, host=host, api_key=api_key,
+                     allow_hosts=allow_hosts, allow_origins=allow_origins, max_tokens_limit=max_tokens_limit,
+                     request_timeout=request_timeout, models_root=Path("models"),
+                     slots=slots, prompt_cache=not no_prompt_cache)
+    auth = "API key required" if api_key else "no API key"
+    click.echo(f"supermix: serving {rt.backend.name} on http://{host}:{port}  (API: http://{host}:{port}/v1, {auth})")
     run_server(app, host, port)
 
 

@@ -21,6 +21,10 @@ Design choices:
 - `StopChecker` works on that text: it holds back the longest tail that could still grow into a
   stop sequence, and cuts before the earliest stop found, so a stop spanning several tokens is
   never shown, not even in part, and nothing after it either.
+- `token_logprob` scores a sampled token against the model's raw distribution (log-softmax of the
+  logits the backend returned), before repetition penalty, temperature and top-k/top-p: the same
+  numbers whatever the sampling settings, as OpenAI's API reports them. `generate_stream` hands
+  each sampled token and those logits to an optional `on_token` hook; the server calls this there.
 """
 
 from __future__ import annotations
@@ -121,6 +125,38 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generated: list[int
     return int(idx[torch.multinomial(probs, 1, generator=generator)])
 
 
+@dataclass
+class TokenLogprob:
+    """One sampled token scored by the raw distribution, with the `top` most likely alternatives."""
+    id: int
+    text: str  # the vocabulary piece ("▁" as a space); a lone byte of a character reads as U+FFFD
+    bytes: bytes
+    logprob: float
+    top: list["TokenLogprob"]
+
+
+def token_logprob(tokenizer: Tokenizer, logits: torch.Tensor, token_id: int, top: int = 0,
+                  first: bool = False) -> TokenLogprob:
+    """`token_id`'s log-probability under softmax(`logits`) and the `top` best tokens (best first).
+    `first`: the reply's first token, whose dummy-prefix space the text drops (IncrementalDetokenizer),
+    so its string and bytes drop it too and the tokens join up to the reply text."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    table, byte_ids = token_bytes(tokenizer)
+
+    def entry(i: int, lp: float, alts: list[TokenLogprob]) -> TokenLogprob:
+        raw = table[i] or tokenizer.id_to_piece(i).encode("utf-8")  # special tokens by name: "<|end|>"
+        return TokenLogprob(i, raw.decode("utf-8", errors="replace"), raw, lp, alts)
+
+    alts = []
+    if top > 0:
+        vals, idx = torch.topk(logp, min(top, logp.numel()))
+        alts = [entry(int(i), float(v), []) for v, i in zip(vals, idx)]
+    chosen = entry(token_id, float(logp[token_id]), alts)
+    if first and chosen.bytes[:1] == b" " and token_id not in byte_ids:
+        chosen.bytes, chosen.text = chosen.bytes[1:], chosen.text[1:]
+    return chosen
+
+
 # ----------------------------------------------------------------------------- text streaming
 
 _BYTE_TABLES: dict[str, tuple[list[bytes], frozenset[int]]] = {}  # tokenizer sha256 -> (bytes per id, byte ids)
@@ -152,12 +188,14 @@ def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], frozenset[int]]:
 
 class IncrementalDetokenizer:
     """Token ids in, text out, only ever whole characters: `push(id)` -> new text ("" while a
-    multi-byte character is incomplete), `flush()` -> what is left (U+FFFD for a broken tail)."""
+    multi-byte character is incomplete), `flush()` -> what is left (U+FFFD for a broken tail).
+    `continuation=True` keeps a first piece's leading space: the text continues a raw prompt
+    ("The capital is" + "▁Paris"), so that space is real, not sentencepiece's dummy prefix."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, continuation: bool = False) -> None:
         self._bytes, self._byte_ids = token_bytes(tokenizer)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="supermix-per-byte")
-        self._started = False  # the first text byte may be the dummy-prefix space
+        self._started = continuation  # the first text byte may be the dummy-prefix space
 
     def push(self, token_id: int) -> str:
         data = self._bytes[token_id]

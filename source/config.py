@@ -6,13 +6,83 @@ framework: `ModelConfig(**preset)` is the whole mechanism.
 The `blueprint-700m` preset follows the original blueprint's depth (24 layers, 16 heads, 8k context,
 65k vocab). The blueprint also said "3072 hidden", which at 24 layers is ~2.7B parameters, not 700M;
 we keep the 700M target and pick dim 1536 (SwiGLU hidden 4096, 8 kv heads), which gives ~0.72B.
+
+Every field has an allowed range (`MODEL_RULES`, `TRAIN_RULES`), checked when a config is made: by a
+preset, by `--set`, or from a checkpoint's own config before a single tensor is allocated. The ranges
+reject nonsense (n_heads=0, lr=nan, grad_clip=-1) and sizes nothing here could allocate, not unusual
+choices; `MAX_PARAMS` bounds the model as a whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
+
+# field: (int | float, low, high, brackets) for numbers, (bool,) for flags, (str, choices) for choices
+Rule = tuple
+MODEL_RULES: dict[str, Rule] = {
+    "vocab_size": (int, 2, 1 << 20, "[]"), "dim": (int, 2, 1 << 15, "[]"), "n_layers": (int, 1, 1024, "[]"),
+    "n_heads": (int, 1, 1024, "[]"), "n_kv_heads": (int, 1, 1024, "[]"), "ffn_hidden": (int, 1, 1 << 18, "[]"),
+    "max_seq_len": (int, 1, 1 << 17, "[]"), "rope_theta": (float, 1.0, 1e12, "(]"),
+    "norm_eps": (float, 0.0, 0.1, "(]"), "tie_embeddings": (bool,), "gradient_checkpointing": (bool,),
+}
+TRAIN_RULES: dict[str, Rule] = {
+    "batch_size": (int, 1, 1 << 16, "[]"), "seq_len": (int, 1, 1 << 17, "[]"), "grad_accum": (int, 1, 1 << 16, "[]"),
+    "max_steps": (int, 1, 10**9, "[]"), "lr": (float, 0.0, 1.0, "(]"), "min_lr_ratio": (float, 0.0, 1.0, "[]"),
+    "warmup_steps": (int, 0, 10**9, "[]"), "weight_decay": (float, 0.0, 1.0, "[]"),
+    "beta1": (float, 0.0, 1.0, "[)"), "beta2": (float, 0.0, 1.0, "[)"),
+    # 0 would zero every gradient, a negative norm flips them (the run climbed uphill)
+    "grad_clip": (float, 0.0, 1e6, "(]"), "precision": (str, ("bf16", "fp32")), "compile": (bool,),
+    "seed": (int, 0, 2**63 - 1, "[]"), "eval_every": (int, 1, 10**9, "[]"), "eval_batches": (int, 1, 1 << 20, "[]"),
+    "checkpoint_every": (int, 1, 10**9, "[]"), "log_every": (int, 1, 10**9, "[]"),
+    "distributed": (str, ("ddp", "fsdp")), "prompt_loss_weight": (float, 0.0, 1.0, "[]"),
+}
+# 20B parameters (80 GB in fp32): far past any preset (blueprint-700m is 0.72B), far short of the terabytes a
+# hostile or mistyped config could ask for before a single weight is compared with it
+MAX_PARAMS = 20_000_000_000
+MAX_HEAD_DIM = 1024  # bounds the rotary tables, max_seq_len * head_dim floats, as MAX_PARAMS bounds the weights
+
+
+def _allowed(rule: Rule) -> str:
+    if rule[0] is bool:
+        return "true or false"
+    if rule[0] is str:
+        return "one of " + ", ".join(map(repr, rule[1]))
+    kind, low, high, brackets = rule
+    if kind is int:
+        return f"an integer in {brackets[0]}{low}, {high}{brackets[1]}"
+    return f"a finite number in {brackets[0]}{low:g}, {high:g}{brackets[1]}"
+
+
+def _fits(value: Any, rule: Rule) -> bool:
+    if rule[0] is bool:
+        return isinstance(value, bool)
+    if rule[0] is str:
+        return isinstance(value, str) and value in rule[1]
+    kind, low, high, brackets = rule
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):  # the ranges reject them too; this keeps it explicit
+        return False
+    return ((low < value) if brackets[0] == "(" else (low <= value)) and \
+        ((value < high) if brackets[1] == ")" else (value <= high))
+
+
+def check_fields(cfg: Any, rules: dict[str, Rule]) -> None:
+    """Raise ValueError("field=value: must be <allowed range>") for the first field outside its rule."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _fits(value, rules[f.name]):
+            raise ValueError(f"{f.name}={value!r:.40}: must be {_allowed(rules[f.name])}")
+
+
+def estimate_params(cfg: "ModelConfig") -> int:
+    """The parameter count of `Transformer(cfg)`, from the config alone (tests check it equals the model's)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_layer = 2 * cfg.dim + cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.ffn_hidden
+    return cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * per_layer + cfg.dim
 
 
 @dataclass
@@ -30,12 +100,17 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self, MODEL_RULES)
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError("head dimension must be even for rotary embeddings")
+        if self.head_dim % 2 or self.head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head dimension dim/n_heads={self.head_dim} must be even (rotary embeddings) and at "
+                             f"most {MAX_HEAD_DIM}")
+        if (n := estimate_params(self)) > MAX_PARAMS:
+            raise ValueError(f"this config has {n:,} parameters; the limit is {MAX_PARAMS:,} "
+                             "(check vocab_size, dim, n_layers, ffn_hidden)")
 
     @property
     def head_dim(self) -> int:
@@ -69,15 +144,7 @@ class TrainConfig:
     prompt_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
-        if not 0.0 <= self.prompt_loss_weight <= 1.0:
-            raise ValueError(f"prompt_loss_weight must be in [0, 1], got {self.prompt_loss_weight}")
-        for name in ("batch_size", "seq_len", "grad_accum", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, TRAIN_RULES)
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -116,10 +183,14 @@ def _coerce(value: str, current: Any) -> Any:
         if value.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
+    try:
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+    except ValueError:
+        raise ValueError(f"expected {'an integer' if isinstance(current, int) else 'a number'}, got {value!r}") \
+            from None
     return value
 
 
@@ -172,4 +243,5 @@ def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], 
 
 
 __all__ = ["ModelConfig", "TrainConfig", "MODEL_PRESETS", "TRAIN_PRESETS", "SFT_PRESETS", "model_config", "train_config",
-           "apply_overrides", "split_overrides"]
+           "apply_overrides", "split_overrides", "MODEL_RULES", "TRAIN_RULES", "MAX_PARAMS", "check_fields",
+           "estimate_params"]

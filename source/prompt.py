@@ -11,8 +11,10 @@ Design choices:
   callers clip retrieval hits with `prepare_context`, exactly as the training examples were clipped.
 - System messages in `messages` (the OpenAI API sends them) replace `system_prompt`; several are
   joined with a blank line. The conversation must end with a user message; ValueError otherwise.
-- Message text that spells a special token ("<|end|>", "<s>") is defused: its "<" becomes U+2039, so
-  a user cannot forge turns or a system prompt. Passages are not changed (nor is training data).
+- Text that spells a special token ("<|end|>", "<s>") is defused: its "<" becomes U+2039, so neither a
+  user nor an indexed document can forge turns or a system prompt. Messages are defused here; passage
+  titles and texts where they are laid out (`format_context`, which training's examples go through
+  too), so the shown passages keep their text and training sees what serving sends.
 - Token budget: system + context + history + latest user + max_new_tokens never exceed the window.
   Costs are counted per message once (encode_chat encodes each message on its own, so lengths add up
   exactly), then, in order: drop the oldest exchanges (a user turn with the replies after it, so the
@@ -32,10 +34,9 @@ import re
 from dataclasses import dataclass
 
 from source.sft_data import clip_text, to_chat_messages
-from source.tokenizer import SPECIAL_TOKENS, Tokenizer, format_context
+from source.tokenizer import Tokenizer, defuse_special_tokens, format_context
 
 MIN_PASSAGE_CHARS = 60  # a passage is clipped no shorter than this, then dropped
-_SPECIAL = re.compile("|".join(map(re.escape, sorted(SPECIAL_TOKENS, key=len, reverse=True))))
 _CITE = re.compile(r"\[([0-9]{1,9}(?:[ \t\n\r\f\v]*,[ \t\n\r\f\v]*[0-9]{1,9})*)\]")
 
 
@@ -45,12 +46,6 @@ class Prompt:
     messages: list[dict]  # what encode_chat encoded: system, kept turns, context, latest user (maybe cut)
     passages: list[dict]  # the passages shown, in [n] order: possibly clipped, possibly fewer than given
     question: str         # the latest user message, whole and defused: what retrieval searches for
-
-
-def defuse_special_tokens(text: str) -> str:
-    """Text with every special-token spelling's "<" replaced by "\u2039" (a look-alike), longest token
-    first: it stays readable and encodes as text, not as the token."""
-    return _SPECIAL.sub(lambda m: "\u2039" + m.group()[1:], text)
 
 
 def split_messages(messages: list[dict], system_prompt: str) -> tuple[str, list[dict], str]:

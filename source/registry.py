@@ -7,11 +7,16 @@ folder per version, `models/versions/vN/{model.pth, tokenizer/, model_info.json,
 - `files` hashes the artifacts (model.pth, tokenizer/*, training logs: source.run_logs) by paths relative to
   `models/`, so the repo can move; model_info.json and README.md are derived from the entry
 - the champion is explicit (`promote`) or picked by one written rule (`CHAMPION_RULE`), never implied
-- a parent may be a removed version: lineage is history. No locking: one writer at a time
+- a parent may be a removed version: lineage is history
+- writers (add, set_metrics, promote, remove) hold an exclusive flock on `.registry.lock` in the registry
+  root from reading registry.json to writing it: two adds at once used to pick the same vN and delete each
+  other's folder, and a promote during an add wrote back a registry without the new version. Readers take
+  no lock: registry.json is replaced atomically, so they see the old file or the new one
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,7 +24,7 @@ import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from source.files import atomic_write_bytes, sha256_file
 from source.run_logs import run_logs
@@ -31,6 +36,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 CHAMPION_RULE = ("highest grounded_qa wins; ties, and versions without grounded_qa, are ranked by lowest "
                  "val_bpb; a version with neither metric is never picked; a full tie keeps the older version")
 _ID = re.compile(r"v([1-9][0-9]*)")
+LOCK_NAME = ".registry.lock"
 
 
 class RegistryError(ValueError):
@@ -101,6 +107,17 @@ class Registry:
 
     def __init__(self, root: str | os.PathLike = "models") -> None:
         self.root, self.path = Path(root), Path(root) / "registry.json"
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[None]:
+        """One writer at a time, across processes. The kernel drops a flock when its holder dies, so a killed
+        add never leaves the registry locked (a lock *file* that merely exists would)."""
+        import fcntl  # POSIX only: imported here so reading a registry (the runtime) still works without it
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK_NAME, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
 
     def load(self) -> dict:
         """The validated registry {champion, champion_reason, next_id, versions: [Version]}; no file = empty."""
@@ -213,6 +230,12 @@ class Registry:
             dataset_manifest_sha256: str | None = None) -> Version:
         """Copy a checkpoint and its tokenizer into versions/vN and register them as vN. Training summary and
         val_bpb come from the checkpoint and its run folder (`training_summary`); `training`/`metrics` override."""
+        with self._writer():  # vN is claimed, staged, moved in place and registered under one lock
+            return self._add(checkpoint_path, tokenizer_dir, parent=parent, metrics=metrics, training=training,
+                             notes=notes, dataset_manifest_sha256=dataset_manifest_sha256)
+
+    def _add(self, checkpoint_path: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, parent: str | None,
+             metrics: dict | None, training: dict | None, notes: str, dataset_manifest_sha256: str | None) -> Version:
         ck, state, checkpoint_path, tokenizer_dir = _ckpt(), self.load(), Path(checkpoint_path), Path(tokenizer_dir)
         parent_id = self._find(state, parent).id if parent is not None else None
         try:
@@ -240,7 +263,7 @@ class Registry:
         final, staging = self.root / "versions" / vid, self.root / "versions" / f".staging-{vid}"
         saved = False
         try:
-            for stray in self.strays():  # leftovers of killed adds/removes; vN's own folder among them
+            for stray in self.strays():  # leftovers of killed adds/removes (a live writer would hold the lock)
                 shutil.rmtree(stray)
             (staging / "tokenizer").mkdir(parents=True)
             sources = {"model.pth": checkpoint_path, **{f"tokenizer/{n}": tokenizer_dir / n for n in TOKENIZER_FILES}}
@@ -269,18 +292,20 @@ class Registry:
 
     def set_metrics(self, ref: str, metrics: dict) -> Version:
         """Merge `metrics` into a version's metrics (evaluation results arrive one stage at a time)."""
-        state = self.load()
-        v = self._find(state, ref)
-        v.metrics = {**v.metrics, **metrics}
-        self._save(state)
-        self._write_docs(v)
+        with self._writer():
+            state = self.load()
+            v = self._find(state, ref)
+            v.metrics = {**v.metrics, **metrics}
+            self._save(state)
+            self._write_docs(v)
         return v
 
     def promote(self, ref: str, reason: str = "promoted by hand") -> Version:
-        state = self.load()
-        v = self._find(state, ref)
-        state["champion"], state["champion_reason"] = v.id, reason
-        self._save(state)
+        with self._writer():
+            state = self.load()
+            v = self._find(state, ref)
+            state["champion"], state["champion_reason"] = v.id, reason
+            self._save(state)
         return v
 
     def pick_champion(self) -> tuple[str | None, str]:
@@ -309,25 +334,26 @@ class Registry:
     def remove(self, ref: str, force: bool = False) -> Version:
         """Delete a version (the champion only with `force`); its number is never reused, children keep it as
         parent. The folder is renamed aside first, so a failed registry write can put it back."""
-        state = self.load()
-        v = self._find(state, ref)
-        if v.id == state["champion"] and not force:
-            raise RegistryError(f"{v.id} is the champion; promote another version first, or force the removal")
-        folder = self.root / "versions" / v.id
-        trash = folder.with_name(f".removing-{v.id}")
-        if folder.exists():
+        with self._writer():
+            state = self.load()
+            v = self._find(state, ref)
+            if v.id == state["champion"] and not force:
+                raise RegistryError(f"{v.id} is the champion; promote another version first, or force the removal")
+            folder = self.root / "versions" / v.id
+            trash = folder.with_name(f".removing-{v.id}")
+            if folder.exists():
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(folder, trash)
+            state["versions"] = [x for x in state["versions"] if x.id != v.id]
+            if state["champion"] == v.id:  # forced: no champion until one is promoted or picked
+                state["champion"] = state["champion_reason"] = None
+            try:
+                self._save(state)
+            except BaseException:
+                if trash.exists():
+                    os.replace(trash, folder)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
-            os.replace(folder, trash)
-        state["versions"] = [x for x in state["versions"] if x.id != v.id]
-        if state["champion"] == v.id:  # forced: no champion until one is promoted or picked
-            state["champion"] = state["champion_reason"] = None
-        try:
-            self._save(state)
-        except BaseException:
-            if trash.exists():
-                os.replace(trash, folder)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
         return v
 
     def verify(self, ref: str) -> dict[str, str]:

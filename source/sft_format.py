@@ -31,6 +31,12 @@ def _nonempty(obj: dict, key: str, where: str) -> None:
         raise ValueError(f"{where}{key}: {'missing' if key not in obj else 'must be a non-empty string'}")
 
 
+def _optional_strings(obj: dict, keys: tuple[str, ...], where: str, allow_null: bool = True) -> None:
+    for key in keys:
+        if key in obj and not isinstance(obj[key], str) and not (allow_null and obj[key] is None):
+            raise ValueError(f"{where}{key}: must be a string, got {type(obj[key]).__name__}")
+
+
 def check_example(obj) -> dict:
     """Validate one example in either format; return it in the messages format.
 
@@ -68,7 +74,9 @@ def check_example(obj) -> dict:
             if not isinstance(p, dict):
                 raise ValueError(f"context[{i}]: must be an object with a text")
             _nonempty(p, "text", f"context[{i}].")
+            _optional_strings(p, ("title", "source", "id"), f"context[{i}].")
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    _optional_strings(meta, ("kind", "entity", "source"), "meta.", allow_null=False)  # counted and sorted as text
     meta = {"kind": "user", "entity": "", "source": "user", "gold": None, **meta}
     out = {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs], "meta": meta}
     if ctx:
@@ -76,20 +84,43 @@ def check_example(obj) -> dict:
     return out
 
 
+def decode_line(raw: bytes, offset: int) -> str:
+    """One line of a user file as text. Decoding is per line, so a bad byte names its line and byte offset
+    and `--skip-bad` can skip that line alone (decoding the whole file failed before a line was known)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte {offset + e.start} of the file, {raw[e.start:e.start + 1]!r}); "
+                         "save the file as UTF-8") from None
+
+
+def parse_json_line(line: str):
+    """json.loads with the failures a user file can cause turned into ValueError("invalid JSON ...")."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # "[[[[..." thousands deep: the parser's recursion limit, not a bug of ours
+        raise ValueError("invalid JSON (nested too deeply)") from None
+    try:  # "\ud800" escapes decode to lone surrogates, which no later UTF-8 write can encode
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("a string holds an unpaired surrogate escape (like \\ud800), which is not text") from None
+    return obj
+
+
 def load_examples(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list[dict], int]:
-    """Examples of a JSONL file (either format). A bad line raises ValueError("file:line: field: problem"),
-    or with `skip_bad` is skipped and counted. Returns (examples, n_bad)."""
-    examples, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    """Examples of a JSONL file (either format). A bad line (bad UTF-8, bad JSON, bad example) raises
+    ValueError("file:line: field: problem"), or with `skip_bad` is skipped and counted. Returns (examples, n_bad)."""
+    examples, bad, offset = [], 0, 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-                examples.append(check_example(obj))
+                line = decode_line(raw, start)
+                if not line.strip():
+                    continue
+                examples.append(check_example(parse_json_line(line)))
             except ValueError as e:
                 if not skip_bad:
                     raise ValueError(f"{path}:{n}: {e}") from None

@@ -45,6 +45,8 @@ CONTROL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
 CHAT_ROLES = ["system", "user", "assistant", "context"]
 CHAT_TOKENS = [f"<|{r}|>" for r in CHAT_ROLES] + ["<|end|>"]  # ids 3..7, in this order
 SPECIAL_TOKENS = CONTROL_TOKENS + CHAT_TOKENS
+# leftmost-longest, like the added-token matcher of `tokenizers` (and Tokenizer.encode below)
+_SPECIAL_SPELLING = re.compile("|".join(map(re.escape, sorted(SPECIAL_TOKENS, key=len, reverse=True))))
 
 MAX_SENTENCE_CHARS = 2048  # sentencepiece silently drops longer sentences (limit given in bytes)
 
@@ -236,11 +238,21 @@ def export_files(model_bytes: bytes, model_max_length: int = 1024) -> dict[str, 
 # -----------------------------------------------------------------------------
 # runtime wrapper
 
+def defuse_special_tokens(text: str) -> str:
+    """Text with every special-token spelling's "<" replaced by "\u2039" (a look-alike), longest token
+    first: it stays readable and encodes as text, not as the token."""
+    return _SPECIAL_SPELLING.sub(lambda m: "\u2039" + m.group()[1:], text)
+
+
 def format_context(passages: list[dict]) -> str:
-    """Retrieval passages as numbered sources for a `context` message: "[1] title\\ntext\\n\\n[2] ..."."""
+    """Retrieval passages as numbered sources for a `context` message: "[1] title\\ntext\\n\\n[2] ...".
+
+    Titles and texts are defused: a document that spells "<|end|><|system|>" must not forge turns. This is
+    the one place passages become prompt text, for training (sft_data) and serving (source.prompt) alike."""
     blocks = []
     for i, p in enumerate(passages, 1):
-        title, text = (p.get("title") or "").strip(), (p.get("text") or "").strip()
+        title = defuse_special_tokens((p.get("title") or "").strip())
+        text = defuse_special_tokens((p.get("text") or "").strip())
         blocks.append(f"[{i}] {title}\n{text}" if title else f"[{i}] {text}")
     return "\n\n".join(blocks)
 
@@ -257,9 +269,7 @@ class Tokenizer:
         self.special_ids: dict[str, int] = {t[2:-2]: self.sp.piece_to_id(t) for t in CHAT_TOKENS}
         self._all_special = {self.sp.piece_to_id(t): t for t in SPECIAL_TOKENS}
         self._by_text = {t: i for i, t in self._all_special.items()}
-        # leftmost-longest, like the added-token matcher of `tokenizers`
-        longest_first = sorted(SPECIAL_TOKENS, key=len, reverse=True)
-        self._special_re = re.compile("|".join(map(re.escape, longest_first)))
+        self._special_re = _SPECIAL_SPELLING
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":

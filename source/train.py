@@ -26,7 +26,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from source.checkpoint import atomic_torch_save, load_model, save_model
+from source.checkpoint import (atomic_torch_save, check_same_save, load_model, new_save_id, read_checkpoint,
+                               read_train_state, save_model)
 from source.files import atomic_write_bytes
 from source.config import ModelConfig, TrainConfig
 from source.lora import apply_lora, load_lora_state, lora_state_dict, merged_copy
@@ -232,6 +233,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     if lora_rank and init_from is None:
         raise ValueError("LoRA fine-tunes an existing model: pass init_from (the base model.pth)")
     torch.manual_seed(train_cfg.seed)
+    if resume:  # before any model is built: weights and optimizer state must come from one save
+        state = read_train_state(state_path)
+        check_same_save(read_checkpoint(out_dir / "model.pth"), state, out_dir)
     if resume and not lora_rank:  # LoRA resumes from the frozen base plus the saved adapters
         model, _ = load_model(out_dir / "model.pth")
     elif init_from is not None:
@@ -244,7 +248,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     optimizer = make_optimizer(model, train_cfg)
     step, tokens_seen, elapsed = 0, 0, 0.0
     if resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         if lora_rank:
             load_lora_state(model, state["lora"])
@@ -279,11 +282,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     def save(current_step: int) -> None:
         accelerator.wait_for_everyone()
         if main:
-            weights = merged_copy(model) if lora_rank else model
+            weights, save_id = merged_copy(model) if lora_rank else model, new_save_id(current_step)
             save_model(out_dir / "model.pth", weights, tokenizer_sha256, kind=kind, step=current_step,
-                       tokens=tokens_seen, train_config=asdict(train_cfg), **save_meta)
+                       tokens=tokens_seen, train_config=asdict(train_cfg), save_id=save_id, **save_meta)
             state = {"optimizer": optimizer.state_dict(), "step": current_step, "tokens": tokens_seen,
-                     "elapsed": elapsed, "torch_rng": torch.get_rng_state()}
+                     "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "save_id": save_id}
             if lora_rank:
                 state["lora"] = lora_state_dict(model)
             atomic_torch_save(state, state_path)

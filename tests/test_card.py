@@ -68,7 +68,7 @@ def test_card_numbers_come_from_the_registry_and_eval(registry, tmp_path):
                 f"| FFN (SwiGLU) hidden | {c['ffn_hidden']} |", f"| vocabulary | {c['vocab_size']:,} |",
                 f"| context window | {c['max_seq_len']:,} tokens |", f"{v.params:,} total",
                 "| grounded QA: key fact and right citation | 0.1250 |", "| citation accuracy | 0.5000 |",
-                f"| pretraining steps | {v.training['steps']:,} |", "<code>&lt;&#124;end&#124;&gt;</code>", "PSF-2.0", "GFDL-1.1-or-later",
+                f"| pretraining steps | {v.training['steps']:,} |", "&lt;&#124;end&#124;&gt;", "PSF-2.0", "GFDL-1.1-or-later",
                 "It returns None [1].", "PyTorch (TorchBackend) fp32", "run with `--export DIR`",
                 "v2 is the registry champion", "| base run it started from | 40 steps"):
         assert row in text, row
@@ -96,7 +96,7 @@ def test_card_with_an_export_manifest_shows_its_speeds_sizes_and_gates(registry,
     assert result.exit_code == 0, result.output
     text = out.read_text()
     for row in ("| PyTorch (TorchBackend) fp32 | 150.5 |", "| ONNX Runtime int8 (onnx/model_quantized.onnx) | 410.2",
-                "| `onnx/model.onnx` | 4.2 MB |", "| onnx fp32 parity | passed | 0.0 | <= 1e-4 |"):
+                "| `onnx/model.onnx` | 4.2 MB |", "| onnx fp32 parity | passed | 0.0 | &lt;= 1e-4 |"):
         assert row in text, row
     assert "ONNX Runtime fp32" not in text and "TorchBackend) int8" not in text  # only the speeds present
     assert "onnx" in front(text)["tags"] and placeholders(text) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_user_files_all_formats(tmp_path):
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path):
     files = {"good.txt": "fine", "bad.jsonl": '{"text": "ok"}\n{"text": "unterminated\n'}
-    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: not valid JSON"):
+    with pytest.raises(CorpusError, match=r"bad\.jsonl:2: invalid JSON"):
         user_build(tmp_path, files)
     result = CliRunner().invoke(main, ["data", "build", "--recipe", str(tmp_path / "r.json"), "--out",
                                        str(tmp_path / "cli"), "--add", str(tmp_path / "mine"), "--quiet"])
@@ -190,6 +191,23 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
     (tmp_path / "w").mkdir()
     with pytest.raises(CorpusError, match=r"wrong\.jsonl:1: needs a string \"text\""):
         user_build(tmp_path / "w", {"wrong.jsonl": '{"body": 1}\n'})
+
+
+def test_jsonl_user_file_with_bad_bytes_names_file_line_and_byte(tmp_path):
+    """Invalid UTF-8, lone surrogate escapes and absurd nesting in a .jsonl given to `data build --add`."""
+    lines = [b'{"text": "fine"}\n', b'{"text": "also fine"}\n', b'{"text": "caf\xe9"}\n']
+    (tmp_path / "a").mkdir()
+    with pytest.raises(CorpusError, match=r"latin1\.jsonl:3: not valid UTF-8 \(byte 52 of the file"):
+        user_build(tmp_path / "a", {"latin1.jsonl": b"".join(lines)})
+    result = CliRunner().invoke(main, ["data", "build", "--recipe", str(tmp_path / "a" / "r.json"), "--out",
+                                       str(tmp_path / "cli"), "--add", str(tmp_path / "a" / "mine"), "--quiet"])
+    assert result.exit_code == 1 and "latin1.jsonl:3: not valid UTF-8" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "cli").exists()
+    for name, line, message in [("surrogate.jsonl", '{"text": "\\ud800"}', "unpaired surrogate"),
+                                ("deep.jsonl", "[" * 100_000, "nested too deeply")]:
+        (tmp_path / name).mkdir()
+        with pytest.raises(CorpusError, match=re.escape(f"{name}:2: ") + ".*" + message):
+            user_build(tmp_path / name, {name: '{"text": "ok"}\n' + line + "\n"})
 
 
 def test_unreadable_and_empty_inputs_are_clear_errors(tmp_path):

@@ -176,7 +176,8 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),  # without logprobs
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"content": "hi"}]}, "messages.0.role"),
     ({"model": "x"}, "messages"),

@@ -206,6 +206,28 @@ def test_load_examples_both_formats_and_bad_lines(tmp_path):
         assert (len(examples), bad) == (2, 1)
 
 
+def test_add_file_with_invalid_utf8_names_file_line_and_byte_and_skip_bad_skips_it(tiny_workspace, tiny_index,
+                                                                                    tmp_path):
+    good = json.dumps({"instruction": "Say hi", "output": "Hi!"}).encode() + b"\n"
+    mine = tmp_path / "mine.jsonl"
+    mine.write_bytes(good + b'{"instruction": "caf\xe9", "output": "x"}\n' + good)
+    with pytest.raises(ValueError, match=re.escape(f"{mine}:2: not valid UTF-8 (byte {len(good) + 20} of the file")):
+        load_examples(mine)
+    examples, bad = load_examples(mine, skip_bad=True)
+    assert (len(examples), bad) == (2, 1)
+
+    out = tmp_path / "sft"
+    args = ["sft-data", "--data", str(tiny_workspace["data"]), "--index", str(tiny_index), "--out", str(out),
+            "--tokenizer", str(tiny_workspace["tokenizer"]), "--limit", "100", "--quiet", "--add", str(mine)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and f"{mine}:2: not valid UTF-8" in r.output and not out.exists()
+    assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)
+    r = CliRunner().invoke(main, args + ["--skip-bad"])
+    assert r.exit_code == 0, r.output
+    assert "bad lines skipped in --add files: 1" in r.output
+    assert json.loads((out / "stats.json").read_text())["bad_lines"] == {str(mine): 1}
+
+
 # ----------------------------------------------------------------------------- helper client
 
 class _Helper(http.server.BaseHTTPRequestHandler):

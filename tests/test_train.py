@@ -208,3 +208,42 @@ def test_two_process_ddp_on_cpu(tiny_workspace, tmp_path):
     assert train[0]["tokens"] == 5 * 2 * 8 * 128  # both processes' tokens are counted
     assert all(math.isfinite(r["loss"]) for r in train)
     assert torch.load(out / "model.pth", weights_only=True)["step"] == 20
+
+
+def test_resume_refuses_weights_and_optimizer_state_from_different_saves(tiny_workspace, tmp_path, monkeypatch):
+    """A kill between the two renames of a save leaves model.pth from one step and train_state.pt from another:
+    made here for real by putting back a file of an earlier (or another run's) save."""
+    monkeypatch.chdir(tmp_path)
+    runner, run, other = CliRunner(), tmp_path / "run", tmp_path / "other"
+    settings = ("log_every=1", "eval_every=100", "checkpoint_every=4")
+
+    def pretrain(out: Path, steps: int, *extra: str):
+        return runner.invoke(builder_main, [*pretrain_args(tiny_workspace, out, f"max_steps={steps}", *settings),
+                                            "--no-samples", *extra])
+
+    assert pretrain(run, 4).exit_code == 0
+    step4 = {name: (run / name).read_bytes() for name in ("model.pth", "train_state.pt")}
+    assert pretrain(run, 8, "--resume").exit_code == 0
+    step8 = {name: (run / name).read_bytes() for name in ("model.pth", "train_state.pt")}
+    assert pretrain(other, 4).exit_code == 0  # another run's save of the same step
+
+    tears = [(step8["model.pth"], step4["train_state.pt"], "model.pth is from step 8 but train_state.pt is from step 4"),
+             (step4["model.pth"], step8["train_state.pt"], "model.pth is from step 4 but train_state.pt is from step 8"),
+             (step4["model.pth"], (other / "train_state.pt").read_bytes(), "come from different saves")]
+    for model_bytes, state_bytes, message in tears:
+        (run / "model.pth").write_bytes(model_bytes)
+        (run / "train_state.pt").write_bytes(state_bytes)
+        before = read_metrics(run)
+        r = pretrain(run, 12, "--resume")
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
+        assert message in r.output and "Hint: put back both files of one save" in r.output, r.output
+        assert read_metrics(run) == before  # refused before touching the run's log
+
+    (run / "model.pth").write_bytes(step8["model.pth"])
+    (run / "train_state.pt").write_bytes(step8["train_state.pt"])
+    r = pretrain(run, 12, "--resume")
+    assert r.exit_code == 0, r.output
+    assert torch.load(run / "train_state.pt", weights_only=True)["step"] == 12
+    (run / "train_state.pt").write_bytes(step8["train_state.pt"][:100])  # truncated: a clear error, too
+    r = pretrain(run, 16, "--resume")
+    assert r.exit_code == 1 and "train_state.pt: not a readable training state" in r.output, r.output

@@ -2,6 +2,8 @@
 // block quotes, rules, links, images, inline code, bold and italics. Everything is built with DOM
 // nodes and textContent (never innerHTML), so nothing in the card can inject markup or script;
 // raw HTML (<!-- comments --> included) is dropped and YAML front matter is skipped.
+// Character references (&lt; &#124; ...) outside code are decoded into text, as Markdown renderers do:
+// builder/card.py escapes every value it puts in the card that way.
 
 const BLOCK_START = /^(#{1,6}\s|```|>|\s*([-*+]|\d+[.)])\s|\|)/;
 
@@ -82,16 +84,28 @@ function block(tag, text, base) {
 
 const INLINE = /(`+)([\s\S]*?)\1|!\[([^\]]*)\]\(([^)\s]+)\)|\[([^\]]+)\]\(([^)\s]+)\)|\*\*([^*]+)\*\*|__([^_]+)__|\*([^*\s][^*]*)\*|<(https?:\/\/[^>]+)>|<[^>]*>/;
 
+const REFERENCE = /&(?:#([0-9]{1,7})|#[xX]([0-9a-fA-F]{1,6})|(amp|lt|gt|quot|apos|nbsp));/g;
+const NAMED = { amp: "&", lt: "<", gt: ">", quot: '"', apos: "'", nbsp: "\u00a0" };
+
+/** Text with its character references decoded (the named ones an escaper writes, and numeric ones). */
+export function decodeReferences(text) {
+  return text.replace(REFERENCE, (ref, dec, hex, name) => {
+    if (name) return NAMED[name];
+    const cp = parseInt(dec ?? hex, dec ? 10 : 16);
+    return cp > 0 && cp <= 0x10ffff && !(cp >= 0xd800 && cp <= 0xdfff) ? String.fromCodePoint(cp) : "\ufffd";
+  });
+}
+
 /** Inline markup -> nodes. Links keep only http(s), relative and #fragment targets. */
 export function inline(text, base) {
   const frag = document.createDocumentFragment();
   let m;
   while ((m = text.match(INLINE))) {
-    if (m.index) frag.append(m.input.slice(0, m.index));
+    if (m.index) frag.append(decodeReferences(m.input.slice(0, m.index)));
     if (m[1]) frag.append(node("code", m[2].trim()));
     else if (m[4] !== undefined) {
       const img = document.createElement("img");
-      img.alt = m[3];
+      img.alt = decodeReferences(m[3]);
       if (safe(m[4], base)) img.src = m[4];
       frag.append(img);
     } else if (m[6] !== undefined) frag.append(link(inline(m[5], base), m[6], base));
@@ -101,7 +115,7 @@ export function inline(text, base) {
     // else: raw HTML tag, dropped
     text = text.slice(m.index + m[0].length);
   }
-  if (text) frag.append(text);
+  if (text) frag.append(decodeReferences(text));
   return frag;
 }
 

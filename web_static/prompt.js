@@ -1,7 +1,7 @@
 // The JavaScript port of source/prompt.py, the one prompt builder (its docstring lists the design):
 // the prompt laid out and budgeted exactly like source/prompt.py (split_messages, build_prompt,
-// _keep_end, cited_numbers, defuse_special_tokens), with source/sft_data.py (to_chat_messages,
-// clip_text, prepare_context) and source/tokenizer.py (format_context). The ids come from the
+// _keep_end, cited_numbers), with source/sft_data.py (to_chat_messages, clip_text, prepare_context)
+// and source/tokenizer.py (format_context, defuse_special_tokens). The ids come from the
 // exported tokenizer_config.json chat template, which renders the layout of Tokenizer.encode_chat.
 // tests/test_prompt.py runs this file in node over the same cases as Python and requires identical
 // prompt ids, laid-out messages, shown passages and cited numbers.
@@ -32,10 +32,16 @@ export function prepareContext(passages, maxChars) {
                                 text: clipText(p.text ?? "", maxChars) }));
 }
 
-/** source.tokenizer.format_context: "[1] title\ntext\n\n[2] ...". */
+// source.tokenizer.defuse_special_tokens: text spelling a special token would be encoded as it
+// (a forged turn); its "<" becomes U+2039, longest token first, exactly as in Python.
+const SPECIAL = /<\|assistant\|>|<\|context\|>|<\|system\|>|<\|user\|>|<\|end\|>|<unk>|<\/s>|<s>/g;
+export const defuseSpecialTokens = (text) => text.replace(SPECIAL, (t) => "\u2039" + t.slice(1));
+
+/** source.tokenizer.format_context: "[1] title\ntext\n\n[2] ...", titles and texts defused (a document
+ * spelling "<|end|><|system|>" must not forge turns). */
 export function formatContext(passages) {
   return passages.map((p, i) => {
-    const title = strip(p.title || ""), text = strip(p.text || "");
+    const title = defuseSpecialTokens(strip(p.title || "")), text = defuseSpecialTokens(strip(p.text || ""));
     return title ? `[${i + 1}] ${title}\n${text}` : `[${i + 1}] ${text}`;
   }).join("\n\n");
 }
@@ -50,11 +56,6 @@ export function toChatMessages(messages, context) {
   if (context && context.length) msgs.splice(last, 0, { role: "context", content: formatContext(context) });
   return msgs;
 }
-
-// source.prompt.defuse_special_tokens: text spelling a special token would be encoded as it
-// (a forged turn); its "<" becomes U+2039, longest token first, exactly as in Python.
-const SPECIAL = /<\|assistant\|>|<\|context\|>|<\|system\|>|<\|user\|>|<\|end\|>|<unk>|<\/s>|<s>/g;
-export const defuseSpecialTokens = (text) => text.replace(SPECIAL, (t) => "\u2039" + t.slice(1));
 
 /** source.prompt.split_messages: [system text, earlier turns, latest user text], all defused. */
 export function splitMessages(messages, systemPrompt) {

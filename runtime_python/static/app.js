@@ -2,6 +2,8 @@
 // stream=true, parses the SSE stream from fetch() by hand (EventSource cannot POST), and
 // aborts the request for Stop (the server notices the disconnect and frees the model).
 // No dependencies, no external requests; text is always inserted with textContent.
+// With `supermix serve --api-key`, /v1 needs "Authorization: Bearer KEY": the key typed under
+// Settings stays in this tab's sessionStorage (gone when the tab closes) and goes with each call.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -21,6 +23,17 @@ function addMessage(role, text) {
   $("log").append(box);
   box.scrollIntoView({block: "end"});
   return box;
+}
+
+function authHeaders() {
+  const key = sessionStorage.getItem("supermix-api-key");
+  return key ? {"Authorization": `Bearer ${key}`} : {};
+}
+
+function askForKey(message) {
+  $("settings").open = true;
+  $("api-key").focus();
+  $("status").textContent = message;
 }
 
 function setBusy(busy) {
@@ -45,7 +58,7 @@ async function togglePassage(link, item) {
     panel.textContent = "loading…";
     item.append(panel);
     try {
-      const r = await fetch(link.href);
+      const r = await fetch(link.href, {headers: authHeaders()});
       const data = await r.json();
       panel.textContent = r.ok ? data.text : (data.error && data.error.message) || "not found";
     } catch (e) {
@@ -120,12 +133,13 @@ async function send(text) {
   try {
     const r = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: {"Content-Type": "application/json"},
+      headers: {"Content-Type": "application/json", ...authHeaders()},
       body: JSON.stringify({messages: turns, stream: true, ...settings()}),
       signal: controller.signal,
     });
     if (!r.ok) {
       const err = await r.json().catch(() => ({}));
+      if (r.status === 401) askForKey("this server needs an API key: enter it under Settings");
       throw new Error((err.error && err.error.message) || `HTTP ${r.status}`);
     }
     for await (const ev of sseEvents(r.body)) {
@@ -172,8 +186,12 @@ async function loadInfo() {
   try {
     const info = await (await fetch("/health")).json();
     $("model").textContent = `${info.model} · context ${info.context}`;
-    $("max-tokens").max = info.context;
-    if (Number($("max-tokens").value) > info.context) $("max-tokens").value = info.context;
+    if (info.auth && !sessionStorage.getItem("supermix-api-key")) {
+      askForKey("this server needs an API key: enter it under Settings");
+    }
+    const most = info.max_tokens_limit || info.context;
+    $("max-tokens").max = most;
+    if (Number($("max-tokens").value) > most) $("max-tokens").value = most;
     if (!info.retrieval) {
       $("retrieval").checked = false;
       $("retrieval").disabled = true;
@@ -206,6 +224,12 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("stop").addEventListener("click", () => controller && controller.abort());
   $("new-chat").addEventListener("click", newChat);
+  $("api-key").value = sessionStorage.getItem("supermix-api-key") || "";
+  $("api-key").addEventListener("change", () => {
+    const key = $("api-key").value.trim();
+    if (key) sessionStorage.setItem("supermix-api-key", key);
+    else sessionStorage.removeItem("supermix-api-key");
+  });
   loadInfo();
   $("prompt").focus();
 });

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from source.corpus import CorpusError
+from source.sft_format import decode_line, parse_json_line
 
 DEFAULT_PATH = None
 INSTALL_HINT = "check the path given to --add"
@@ -93,19 +94,17 @@ def chat_text(messages: object, where: str) -> str:
 
 
 def read_jsonl(f: Path) -> Iterator[tuple[int, str, str]]:
+    offset = 0
     with open(f, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            where = f"{f}:{lineno}"
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise CorpusError(f"{where}: not valid UTF-8") from None
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            where, start, offset = f"{f}:{lineno}", offset, offset + len(raw)
+            try:  # the same line reader as `builder sft-data --add`, so both name line and byte alike
+                line = decode_line(raw, start).strip()
+                if not line:
+                    continue
+                obj = parse_json_line(line)
+            except ValueError as e:
+                raise CorpusError(f"{where}: {e}") from None
             if not isinstance(obj, dict):
                 raise CorpusError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             if isinstance(obj.get("text"), str):
