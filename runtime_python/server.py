@@ -49,6 +49,8 @@ from runtime_python.api_models import (MAX_BODY_BYTES, ApiError, ChatRequest, Co
                                        check_completion, error_response, parse, validation_error)
 from runtime_python.api_responses import (Item, chat_logprobs, chat_sse, citations, completion_sse,
                                           legacy_logprobs, stream, usage)
+from runtime_python.backends import TorchBackend
+from runtime_python.batching import Cancelled, Engine, Serial
 from runtime_python.chat import Reply, generate_stream
 from runtime_python.generation import GenerationConfig, TokenLogprob, token_logprob
 from runtime_python.guard import Guard
@@ -72,9 +74,6 @@ class Scheduler:
     most `max_queue` more wait, the next one gets 503 with Retry-After."""
 
     def __init__(self, backend: Any, index: Any, max_queue: int, slots: int = 8, prompt_cache: bool = True) -> None:
-        from runtime_python.backends import TorchBackend
-        from runtime_python.batching import Engine, Serial
-
         self.backend, self.index, self.max_queue = backend, index, max_queue
         # an exact type check: wrappers (tests' slowed-down backends) keep their own prefill/decode
         batched = type(backend) is TorchBackend
@@ -91,8 +90,6 @@ class Scheduler:
                logprobs: int | None = None, prompt_ids: list[int] | None = None) -> Job:
         """A job whose queue gets text deltas, then the Reply; with `logprobs` (top alternatives
         per token) each token's [TokenLogprob] comes just before its text."""
-        from runtime_python.batching import Cancelled
-
         if self.pending >= self.slots + self.max_queue:
             self.stats["rejected"] += 1
             e = ApiError(503, f"the model is busy ({self.slots} running, {self.max_queue} waiting); retry shortly",
