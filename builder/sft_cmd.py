@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -21,12 +22,23 @@ def answer(model, tokenizer, example: dict, max_new_tokens: int = 80) -> str:
 def _check_same_base(out_dir: Path, base: Path, base_sha: str) -> None:
     """Resuming continues the weights in out_dir: if --base changed since the run started (e.g. the
     base was pretrained further), resuming would silently fine-tune the old base."""
-    run = out_dir / "run.json"
-    started_from = json.loads(run.read_text()).get("parent_sha256") if run.is_file() else None
+    from source.checkpoint import CheckpointError
+    from source.train import read_run_info
+
+    try:
+        started_from = read_run_info(out_dir).get("parent_sha256")
+    except CheckpointError as exc:
+        raise click.ClickException(str(exc)) from None
     if started_from and started_from != base_sha:
         raise click.ClickException(f"{out_dir} was started from a base with sha256 {started_from[:12]}..., but {base} "
                                    f"is now {base_sha[:12]}...: start a fresh run (another --out, or delete "
                                    f"{out_dir}) instead of --resume")
+
+
+def _positive_finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"{value} is not a finite number > 0")
+    return value
 
 
 @click.command()
@@ -42,7 +54,8 @@ def _check_same_base(out_dir: Path, base: Path, base_sha: str) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field.")
 @click.option("--lora", is_flag=True, help="Train LoRA adapters instead of all weights (merged into model.pth).")
 @click.option("--lora-rank", default=16, show_default=True, type=click.IntRange(1, 1024))
-@click.option("--lora-alpha", default=32.0, show_default=True, type=float)
+@click.option("--lora-alpha", default=32.0, show_default=True, type=float, callback=_positive_finite,
+              help="LoRA scale numerator (scale = alpha / rank): a finite number > 0.")
 @click.option("--time-budget", "time_budget", default=None, type=click.FloatRange(min=1), metavar="SECONDS",
               help="Fit max_steps to this much wall-clock time (measured on the first steps).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")

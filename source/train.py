@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from source.checkpoint import (atomic_torch_save, check_same_save, load_model, new_save_id, read_checkpoint,
+from source.checkpoint import (CheckpointError, atomic_torch_save, check_same_save, load_model, new_save_id, read_checkpoint,
                                read_train_state, save_model)
 from source.files import atomic_write_bytes
 from source.config import ModelConfig, TrainConfig
@@ -193,6 +193,20 @@ def evaluate_loss(model: torch.nn.Module, data: BatchSource, cfg: TrainConfig, a
     return accelerator.reduce(mean, reduction="mean").item()
 
 
+def read_run_info(out_dir: Path) -> dict:
+    """run.json of a run folder ({} when there is none); a damaged one is a CheckpointError naming it."""
+    path = Path(out_dir) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({exc}); restore it or train again without --resume") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out_dir: str | Path, *,
           tokenizer_sha256: str, kind: str = "pretrain", resume: bool = False, init_from: str | Path | None = None,
           metadata: dict | None = None, progress: bool = True, lora_rank: int = 0, lora_alpha: float = 16.0,
@@ -248,11 +262,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     optimizer = make_optimizer(model, train_cfg)
     step, tokens_seen, elapsed = 0, 0, 0.0
     if resume:
+        if lora_rank and "lora" not in state:
+            raise CheckpointError(f"{state_path}: no LoRA adapters in this training state (a full fine-tune's?): "
+                                  "resume it without --lora, or train again without --resume")
         optimizer.load_state_dict(state["optimizer"])
         if lora_rank:
             load_lora_state(model, state["lora"])
         step, tokens_seen, elapsed = state["step"], state["tokens"], state["elapsed"]
-        started = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
+        started = read_run_info(out_dir)
         if started.get("time_budget_s"):  # the fitted step count, not the preset's, ends the schedule
             train_cfg = replace(train_cfg, max_steps=started["train"]["max_steps"])
             time_budget_s = started["time_budget_s"]  # run.json is rewritten below: keep the record for the next resume

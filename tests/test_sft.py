@@ -124,6 +124,16 @@ def test_sft_full_and_lora_via_cli(tiny_workspace, tiny_base, sft_dir, tmp_path)
     stale = runner.invoke(builder_main, ["sft", *other, "--out", str(tmp_path / "full"), "--resume"])
     assert stale.exit_code != 0 and "start a fresh run" in stale.output
 
+    # resuming a full fine-tune as LoRA, a damaged run.json and a nonsensical LoRA scale: one clear line each
+    as_lora = runner.invoke(builder_main, ["sft", *common, "--out", str(tmp_path / "full"), "--resume", "--lora"])
+    assert as_lora.exit_code == 1 and "no LoRA adapters" in as_lora.output and "Traceback" not in as_lora.output
+    (tmp_path / "full" / "run.json").write_text('{"parent_sha256": ')
+    damaged = runner.invoke(builder_main, ["sft", *common, "--out", str(tmp_path / "full"), "--resume"])
+    assert damaged.exit_code == 1 and "run.json: not readable JSON" in damaged.output, damaged.output
+    for alpha in ("nan", "-1", "inf"):
+        bad = runner.invoke(builder_main, ["sft", *common, "--lora", "--lora-alpha", alpha])
+        assert bad.exit_code == 2 and "not a finite number > 0" in bad.output, bad.output
+
 
 def test_sft_rejects_mismatched_inputs(tiny_workspace, tiny_base, sft_dir, tmp_path):
     runner = CliRunner()
