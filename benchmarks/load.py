@@ -1,7 +1,8 @@
 """Load test for `supermix serve`: N concurrent streaming clients for T seconds, one table out.
 
-    python benchmarks/load.py [--clients 32] [--seconds 20] [--max-tokens 32] [--model v3]
+    python benchmarks/load.py [--clients 32] [--seconds 20] [--max-tokens 32] [--model v3] [--slots 16]
     python benchmarks/load.py --url http://127.0.0.1:8000     # an already running server
+    python benchmarks/load.py --sweep --model v9              # the table in docs/pages/benchmarks.md
 
 Design choices:
 - The server runs in its own process (`python -m runtime_python.cli serve` on a free 127.0.0.1
@@ -12,8 +13,11 @@ Design choices:
   `--timeout`). Latency is request start -> [DONE]; TTFT is request start -> first content delta.
 - An error is anything but a clean 200 stream: a non-200 status (503s counted apart as rejected),
   an `error` event, a missing [DONE], or a transport exception.
-- The model serves one request at a time, so latency grows with clients (the queue); aggregate
-  tokens/s is the number to compare with `supermix chat`'s single-user tokens/s.
+- The server batches up to `--slots` requests per forward pass; more wait in its queue, and past
+  `--max-queue` get 503: a client then waits the Retry-After it was given, as a polite client would.
+- `--sweep` runs the documented set, each on a freshly started server: 1 and 16 clients, each
+  again with `--no-prompt-cache`, then 64 clients for 60 s with a queue of 16 (errors, 503s, the server's
+  RSS at start and end). The load average is printed: on a shared machine it is part of the result.
 """
 
 from __future__ import annotations
@@ -51,10 +55,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, clients: int, max_queue: int | None = None,
+                 prompt_cache: bool = True) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "runtime_python.cli", "serve", "--port", str(port),
-           "--max-queue", str(max(args.clients, 1))]
+    cmd = [sys.executable, "-m", "runtime_python.cli", "serve", "--port", str(port), "--slots", str(args.slots),
+           "--max-queue", str(max(clients, 1) if max_queue is None else max_queue)]
+    if not prompt_cache:
+        cmd.append("--no-prompt-cache")
     for opt in ("model", "tokenizer", "index"):
         if getattr(args, opt):
             cmd += [f"--{opt}", getattr(args, opt)]
@@ -86,6 +93,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                 await r.aread()
                 if r.status_code == 503:
                     res.rejected += 1
+                    await asyncio.sleep(float(r.headers.get("retry-after", 0)))
                 else:
                     res.errors += 1
                     res.messages.append(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -155,6 +163,55 @@ def table(res: Results, clients: int, wall: float) -> str:
     return "\n".join(lines)
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (Linux /proc), MB; nan elsewhere."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """The documented runs, one fresh server each; a markdown table out."""
+    runs = [("1 client", 1, args.seconds, None, True), ("1 client, no prompt cache", 1, args.seconds, None, False),
+            ("16 clients", 16, args.seconds, None, True),
+            ("16 clients, no prompt cache", 16, args.seconds, None, False),
+            ("64 clients, queue 16", 64, 60.0, 16, True)]
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    rows = ["| run | requests ok | errors | 503s | tokens/s | TTFT p50 / p95 | latency p50 / p95 | server RSS start -> end |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    failed = 0
+    for name, clients, seconds, queue, cache in runs:
+        proc, url = start_server(args, clients, queue, cache)
+        try:
+            rss0 = rss_mb(proc.pid)
+            res, wall = asyncio.run(run_load(url, clients, seconds, args.max_tokens, args.timeout))
+            rss1 = rss_mb(proc.pid)
+        finally:
+            stop(proc)
+        failed += res.errors
+        rows.append(f"| {name} | {len(res.latencies)} | {res.errors} | {res.rejected} | {res.tokens / wall:.1f} | "
+                    f"{pct(res.ttfts, 50):.2f} / {pct(res.ttfts, 95):.2f} s | "
+                    f"{pct(res.latencies, 50):.2f} / {pct(res.latencies, 95):.2f} s | {rss0:.0f} -> {rss1:.0f} MB |")
+        print(rows[-1], flush=True)
+        for m in sorted(set(res.messages))[:3]:
+            print(f"error: {m}")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("\n".join(rows))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=32)
@@ -166,24 +223,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", help="tokenizer folder for a model.pth outside the registry")
     p.add_argument("--index", help="retrieval index [default: datasets/built/index]")
     p.add_argument("--no-retrieval", action="store_true")
+    p.add_argument("--slots", type=int, default=16, help="the server's --slots")
+    p.add_argument("--no-prompt-cache", action="store_true", help="the server's --no-prompt-cache")
+    p.add_argument("--sweep", action="store_true", help="1, 16 (with and without prompt cache) and 64 clients")
     args = p.parse_args(argv)
     if not (1 <= args.clients <= 256 and 0 < args.seconds <= 600):
         p.error("--clients must be 1..256 and --seconds 0..600")
+    if args.sweep:
+        return sweep(args)
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args)
+        proc, url = start_server(args, args.clients, prompt_cache=not args.no_prompt_cache)
     try:
         print(f"load: {args.clients} streaming clients x {args.seconds:g} s against {url} "
               f"(max_tokens {args.max_tokens})", flush=True)
         res, wall = asyncio.run(run_load(url, args.clients, args.seconds, args.max_tokens, args.timeout))
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     print(table(res, args.clients, wall))
     for m in sorted(set(res.messages))[:5]:
         print(f"error: {m}")

@@ -38,7 +38,7 @@ def usage(replies: list[Reply]) -> dict:
     """OpenAI's usage; the prompt counts once however many choices were drawn from it."""
     prompt, completion = replies[0].prompt_tokens, sum(r.completion_tokens for r in replies)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0},  # no prompt cache (yet)
+            "prompt_tokens_details": {"cached_tokens": replies[0].cached_tokens},  # from the prompt cache
             "completion_tokens_details": {"reasoning_tokens": 0}}
 
 

@@ -4,25 +4,25 @@ Design choices:
 - `ChatBackend` is a Protocol, not a base class: the chat code needs `prefill(ids)` (reset the
   cache, run the prompt, last-position logits), `decode(id)` (one token in, logits out) and
   `release()`, plus `name`, `tokenizer` and `max_seq_len`. A backend holds ONE KV cache, so it
-  serves one conversation at a time; callers serialise (the server runs one job at a time).
+  serves one conversation at a time; the server batches many through `batching.Engine`.
 - `TorchBackend` runs the `.pth` weights with its own lean forward instead of calling
   `Transformer.forward` per token. Decoding a model this small is bound by Python/dispatch
-  overhead and by streaming the weights from memory (most of a step is matmuls reading the
-  weights), so the step is built to do as little as possible:
-  q|k|v and gate|up fused into one matmul each; the softmax scale folded into the q weights;
-  RoPE for all heads of a layer as one small matmul with a per-step (head_dim x head_dim) rotation
-  matrix, built once per step and shared by all layers; single-token attention as two batched
-  matmuls over the grouped heads (cheaper here than SDPA's kernel setup); logits for the last
-  position only; the input id tensor and the `KVCache` preallocated, written in place; all under
-  `torch.inference_mode()`. The result equals `Transformer.forward` (tested) — the model's own
-  modules are only the source of the weights.
+  overhead and by streaming the weights from memory, so the step does little: q|k|v and gate|up
+  fused into one matmul each; the softmax scale folded into the q weights; logits for the last
+  position of each sequence only; the `KVCache` preallocated and written in place.
+- One forward, `forward_rows`, for one sequence or many: it takes (slot, position, ids) segments,
+  so the batching engine (`runtime_python/batching.py`) and this batch-1 backend run the same code.
+  It is row-independent (ROW_QUANTUM, `attend`): a sequence gets the same logits, bit for bit, alone,
+  batched with others, with its prompt in chunks of any size, or after a cached prefix. So prefill
+  runs in PREFILL_CHUNK pieces and reuses the K/V of the previous prompt's common prefix (a chat's
+  earlier turns). The result equals `Transformer.forward` to float rounding (tested).
 - dtypes: "fp32" (default; the reference numerics), "bf16" (bf16 weights and matmul inputs; the
   residual stream and norms stay fp32 as under the bf16 autocast the model trained with; on CPU
   the weights are pre-packed for oneDNN, whose bf16 kernels beat plain `F.linear`),
   and "int8" (CPU only: weight-only int8 with one scale per output row, bf16 matmul inputs,
   `torch._weight_int8pack_mm`; a quarter of the fp32 weight bytes, small logit error, not exact).
-- `compile=True` wraps the single-token step in `torch.compile` (position kept symbolic, so it
-  compiles once, on the first decode, which takes seconds). It gave no reliable gain on a small
+- `compile=True` wraps the single-token step in `torch.compile` (dynamic shapes; the first
+  decodes compile, which takes seconds). It gave no reliable gain on a small
   shared CPU, so it is off by default; `benchmarks/decode.py --compile` measures it on yours.
 - Tokenizer check: a checkpoint records the sha256 of its tokenizer.model; loading it with another
   tokenizer raises a ValueError that names both, instead of generating garbage.
@@ -47,6 +47,14 @@ from source.tokenizer import Tokenizer
 DTYPES = ("fp32", "bf16", "int8")
 DEVICES = ("cpu", "cuda", "mps", "auto")
 DEFAULT_TOKENIZER_DIR = Path("runs/tokenizer")
+# CPU GEMM kernels (MKL, oneDNN) pick their micro-kernel by the row count, and 1, 2 or 3 rows round
+# differently from 4+; from 4 rows up, in multiples of 4, each row's sums run in the same order whatever
+# the other rows hold (checked on AVX-512 MKL and oneDNN; tests/test_batching.py checks it end to end).
+# So every matmul here gets a multiple of 4 rows (zero rows pad), which makes a row's logits independent
+# of the batch it ran in.
+ROW_QUANTUM = 4
+BLOCK = 128  # keys per attention block (see `attend`)
+PREFILL_CHUNK = 128  # prompt tokens per forward
 
 
 @runtime_checkable
@@ -207,18 +215,12 @@ class TorchBackend(ChatBackend):
             self._lm_head = pack(model.lm_head.weight)
             self._embed = model.embed_tokens.weight.float()
             self._cos, self._sin = model.rope_cos.float(), model.rope_sin.float()
-            # rotate_half(x) == x @ R: the RoPE of one position is x @ (diag(cos) + R * sin)
-            half = hd // 2
-            self._rot = torch.zeros(hd, hd, device=device)
-            self._rot[torch.arange(half) + half, torch.arange(half)] = -1.0
-            self._rot[torch.arange(half), torch.arange(half) + half] = 1.0
             self.cache = KVCache(cfg, 1, cfg.max_seq_len, dtype=torch.float32, device=device)
-            self._k = [self.cache.k[i, 0] for i in range(cfg.n_layers)]  # (KV, max_len, hd) views
-            self._v = [self.cache.v[i, 0] for i in range(cfg.n_layers)]
-            self._tok = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self._pos = 0
+        self._tokens: list[int] = []  # the ids whose K/V the cache holds (a new prompt reuses their prefix)
+        self._prompted = 0  # how many of them came from a prompt (prefill), not from decode
+        self.cached_tokens = 0  # of the last prompt, reused from the one before
         self._shape = (H, KV, hd, H // KV, cfg.ffn_hidden, cfg.norm_eps)
-        self._step = torch.compile(self._forward, dynamic=True) if compile else self._forward
+        self._step = torch.compile(self.forward_rows, dynamic=True) if compile else self.forward_rows
 
     @classmethod
     def load(cls, model_path: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu",
@@ -254,65 +256,141 @@ class TorchBackend(ChatBackend):
             raise ValueError("prefill needs at least one token")
         if len(ids) > self.max_seq_len:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's window of {self.max_seq_len}")
+        # the K/V of the previous prompt's common prefix (a chat's earlier turns) are bit for bit what a
+        # recomputation would give (forward_rows is row-independent); decoded tokens' K/V came from the
+        # one-row kernels, so they are recomputed; at least one token is always run, for the logits
+        keep = common_prefix(self._tokens[:self._prompted], ids, len(ids) - 1)
+        del self._tokens[keep:]  # in place: copies of this backend (tests' Steered) share the list
+        self.cached_tokens = keep
         with torch.inference_mode():
-            x = torch.tensor([ids], dtype=torch.long, device=self.device)
-            logits = self._forward(x, 0)  # prompts vary in length: never through the compiled step
-        self._pos = self.cache.length = len(ids)
+            for start in range(keep, len(ids), PREFILL_CHUNK):
+                logits = self.forward_rows([], [(0, start, ids[start:start + PREFILL_CHUNK])], self.cache)[0]
+        self._tokens.extend(ids[keep:])
+        self._prompted = self.cache.length = len(ids)
         return logits
 
     def decode(self, token_id: int) -> torch.Tensor:
         if self._layers is None:
             raise RuntimeError("this backend was released")
-        if self._pos >= self.max_seq_len:
+        pos = len(self._tokens)
+        if pos >= self.max_seq_len:
             raise ValueError(f"the model's window of {self.max_seq_len} tokens is full")
         with torch.inference_mode():
-            self._tok.fill_(token_id)  # the preallocated input: no tensor built per token
-            logits = self._step(self._tok, self._pos)
-        self._pos += 1
-        self.cache.length = self._pos
+            logits = self._step([(0, pos, token_id)], [], self.cache)[0]
+        self._tokens.append(token_id)
+        self.cache.length = pos + 1
         return logits
 
     def release(self) -> None:
-        self._layers = self._lm_head = self._embed = self.cache = self._k = self._v = None
+        self._layers = self._lm_head = self._embed = self.cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # -- the forward pass
 
-    def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Run `ids` (1, T) from cache position `start` (0 for a prompt, else T == 1); fp32 logits
-        (vocab,) of the last position. Mirrors `Transformer.forward` (see the module docstring)."""
+    def forward_rows(self, decodes: list[tuple[int, int, int]], prompts: list[tuple[int, int, list[int]]],
+                     cache: KVCache) -> torch.Tensor:
+        """One forward over many sequences, each in its own cache slot (at most one entry per slot):
+        `decodes` are (slot, position, token id), `prompts` (slot, position of the first id, ids), a prompt
+        or a chunk of one. K/V are written into `cache` (layers, slots, ...). Returns fp32 logits
+        (len(decodes) + len(prompts), vocab): each decode's, then each prompt's last token's.
+        Mirrors `Transformer.forward`. Row-independent: a decoded token goes through the one-row kernels
+        (`_linear`), prompt tokens through GEMMs of a multiple of ROW_QUANTUM rows, and attention through
+        `attend`, so a sequence's logits do not depend on what else is in the batch or how its prompt
+        was chunked."""
         H, KV, hd, G, ffn, eps = self._shape
-        T, act, end = ids.shape[1], self._act, start + ids.shape[1]
-        cos, sin = self._cos[start:end], self._sin[start:end]  # (T, hd)
-        rope = torch.diag_embed(cos) + self._rot * sin[:, None, :]  # (T, hd, hd), shared by all layers
-        x = F.embedding(ids, self._embed)  # (1, T, dim) fp32 residual stream
-        dim = (x.shape[-1],)
-        for i, (ln1, (wqkv, lin_qkv), (wo, lin_o), ln2, (wgu, lin_gu), (wd, lin_d)) in enumerate(self._layers):
+        act, dev = self._act, self.device
+        nd = len(decodes)
+        prompt_ids = [t for _, _, seg in prompts for t in seg]
+        pad = -len(prompt_ids) % ROW_QUANTUM
+        ids = [t for _, _, t in decodes] + prompt_ids + [0] * pad
+        rows, n = len(ids), len(ids) - pad
+        pos = torch.tensor([p for _, p, _ in decodes] + [p + j for _, p, seg in prompts for j in range(len(seg))]
+                           + [0] * pad, device=dev)
+        slot = torch.tensor([s for s, _, _ in decodes] + [s for s, _, seg in prompts for _ in seg], dtype=torch.long,
+                            device=dev)
+        cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # (rows, 1, hd): every head of a row
+        firsts = [nd]
+        for _, _, seg in prompts:
+            firsts.append(firsts[-1] + len(seg))
+        if nd:  # decodes attend together over the range of slots they occupy
+            d_slot = slot[:nd]
+            lo, hi = int(d_slot.min()), int(d_slot.max()) + 1
+            m = G + (-G % ROW_QUANTUM)
+            d_pos = torch.zeros(hi - lo, 1, m, dtype=torch.long, device=dev)
+            d_pos[d_slot - lo] = pos[:nd, None, None]
+            d_pos = d_pos.expand(-1, KV, -1).reshape(-1, m)
+        x = F.embedding(torch.tensor(ids, device=dev), self._embed)  # (rows, dim) fp32 residual stream
+        dim, half = (x.shape[-1],), hd // 2
+        for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self._layers):
             h = F.rms_norm(x, dim, ln1, eps).to(act)
-            qkv = lin_qkv(h, wqkv).view(T, H + 2 * KV, hd).float()
-            qk = torch.bmm(qkv[:, :H + KV], rope)  # RoPE of q and k at once: (T, H + KV, hd)
-            k_cache, v_cache = self._k[i], self._v[i]
-            if T == 1:
-                # narrow(), not [:, start]: keeps `start` symbolic under torch.compile (no recompile per position)
-                k_cache.narrow(1, start, 1).copy_(qk[:, H:].transpose(0, 1))
-                v_cache.narrow(1, start, 1).copy_(qkv[:, H + KV:].transpose(0, 1))
-                q = qk[0, :H].view(KV, G, hd)  # head h reads kv head h // G, as in HF's repeat_kv
-                att = torch.softmax(torch.bmm(q, k_cache.narrow(1, 0, end).transpose(1, 2)), dim=-1)
-                y = torch.bmm(att, v_cache.narrow(1, 0, end)).view(1, 1, H * hd)
-            else:  # a prompt: causal attention over itself (prefill always starts an empty cache)
-                k, v = qk[:, H:].transpose(0, 1), qkv[:, H + KV:].transpose(0, 1)  # (KV, T, hd)
-                k_cache[:, :T], v_cache[:, :T] = k, v
-                y = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1)[None], k[None], v[None], is_causal=True,
-                                                   scale=1.0, enable_gqa=KV != H)
-                y = y[0].transpose(0, 1).reshape(1, T, H * hd)
-            x = x + lin_o(y.to(act), wo)
+            qkv = self._linear(h, wqkv, nd).view(rows, H + 2 * KV, hd).float()
+            qk = qkv[:, :H + KV]
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # RoPE, HF layout
+            k_cache, v_cache = cache.k[i], cache.v[i]  # (slots, KV, max_len, hd)
+            k_cache[slot, :, pos[:n]] = qk[:n, H:]
+            v_cache[slot, :, pos[:n]] = qkv[:n, H + KV:]
+            q = qk[:, :H].reshape(rows, KV, G, hd)  # head h reads kv head h // G, as in HF's repeat_kv
+            y = torch.zeros(rows, KV, G, hd, device=dev)
+            if nd:
+                qd = torch.zeros(hi - lo, KV, m, hd, device=dev)
+                qd[d_slot - lo, :, :G] = q[:nd]
+                out = attend(qd.view(-1, m, hd), k_cache[lo:hi].flatten(0, 1), v_cache[lo:hi].flatten(0, 1),
+                             d_pos, int(pos[:nd].max()) + 1)
+                y[:nd] = out.view(hi - lo, KV, m, hd)[d_slot - lo, :, :G]
+            for (s, p, seg), r0 in zip(prompts, firsts):  # each prompt chunk: causal over its own slot
+                T, tg = len(seg), len(seg) * G
+                qc = F.pad(q[r0:r0 + T].permute(1, 0, 2, 3).reshape(KV, tg, hd), (0, 0, 0, -tg % ROW_QUANTUM))
+                qpos = F.pad(torch.arange(p, p + T, device=dev).repeat_interleave(G), (0, -tg % ROW_QUANTUM))
+                out = attend(qc, k_cache[s], v_cache[s], qpos[None], p + T)
+                y[r0:r0 + T] = out[:, :tg].view(KV, T, G, hd).permute(1, 0, 2, 3)
+            x = x + self._linear(y.view(rows, H * hd).to(act), wo, nd)
             h = F.rms_norm(x, dim, ln2, eps).to(act)
-            gate, up = lin_gu(h, wgu).split(ffn, dim=-1)
-            x = x + lin_d(F.silu(gate) * up, wd)
-        h = F.rms_norm(x[0, -1], dim, self._norm, eps).to(act)
-        w, lin = self._lm_head
-        return lin(h[None], w)[0].float()
+            gate, up = self._linear(h, wgu, nd).split(ffn, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, wd, nd)
+        last = list(range(nd)) + [f - 1 for f in firsts[1:]]
+        h = F.rms_norm(x[last + [0] * (-len(prompts) % ROW_QUANTUM)], dim, self._norm, eps).to(act)
+        return self._linear(h, self._lm_head, nd)[:len(last)].float()
+
+    def _linear(self, x: torch.Tensor, packed: tuple, nd: int) -> torch.Tensor:
+        """x @ W.T for `nd` decode rows, then prompt rows (a multiple of ROW_QUANTUM). Decode rows use the
+        one-row kernel (GEMV), as a lone decode would: several of them as a bmm over a stride-0 view of W,
+        which runs that same kernel per row (checked equal) while paying Python's dispatch once. GEMV is
+        also what makes single-stream decoding fast: a 4-row GEMM costs several times a 1-row one here.
+        The bf16/int8 kernels have no such form: their decode rows share one GEMM (not row-exact)."""
+        w, lin = packed
+        if nd == 0 or lin is not F.linear:
+            return lin(x, w)
+        dec = F.linear(x[:nd], w) if nd == 1 else torch.bmm(x[:nd, None], w.t().expand(nd, *w.t().shape))[:, 0]
+        return dec if nd == len(x) else torch.cat([dec, lin(x[nd:], w)])
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the longest common prefix of `a` and `b`, at most `limit`."""
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Causal attention of query rows over cached keys: q (B, M, hd), already scaled, M a multiple of
+    ROW_QUANTUM; k, v (B, max_len, hd); qpos (B or 1, M) the position of each row, which sees keys 0..qpos.
+    -> (B, M, hd). Keys go in fixed blocks of BLOCK, summed block after block: a row's result is the same
+    for any `n_keys` past its own position (later blocks add exact zeros), so a token attends the same in
+    a decode step, in a prompt chunk, or beside longer sequences."""
+    span = min(-(-n_keys // BLOCK) * BLOCK, k.shape[1])
+    s = torch.bmm(q, k[:, :span].transpose(1, 2))
+    s.masked_fill_(torch.arange(span, device=q.device) > qpos[..., None], float("-inf"))
+    e = (s - s.amax(-1, keepdim=True)).exp_()
+    num, den = None, None
+    for b in range(0, span, BLOCK):
+        eb = e[..., b:b + BLOCK]
+        part, total = torch.bmm(eb, v[:, b:b + BLOCK]), eb.sum(-1, keepdim=True)
+        num, den = (part, total) if num is None else (num + part, den + total)
+    return num / den
 
 
 def __getattr__(name: str):

@@ -59,6 +59,7 @@ class Reply:
     seconds: float
     tokens_per_second: float
     sources: list[Citation] = field(default_factory=list)  # every passage the prompt showed
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the backend's prompt cache
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +94,7 @@ def generate_stream(backend: ChatBackend, messages: list[dict], gen: GenerationC
     parts: list[str] = []
     finish = "length"
     logits = backend.prefill(ids)
+    cached = getattr(backend, "cached_tokens", 0)  # the ChatBackends that have a prompt cache report it
     for step in range(gen.max_new_tokens):
         if should_stop is not None and should_stop():
             finish = "stop"
@@ -124,7 +126,8 @@ def generate_stream(backend: ChatBackend, messages: list[dict], gen: GenerationC
     seconds = time.perf_counter() - t0
     yield Reply(text=text, citations=[c for c in sources if c.number in cited], prompt_tokens=len(ids),
                 completion_tokens=len(out), finish_reason=finish, seconds=seconds,
-                tokens_per_second=len(out) / seconds if seconds > 0 else 0.0, sources=sources)
+                tokens_per_second=len(out) / seconds if seconds > 0 else 0.0, sources=sources,
+                cached_tokens=cached)
 
 
 class ChatSession:

@@ -199,7 +199,11 @@ def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> No
               help="Address to listen on; a non-loopback one (0.0.0.0) needs --api-key or --insecure-no-auth.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Requests that may wait for the model; more get HTTP 503.")
+              help="Requests that may wait for a free slot; more get HTTP 503 with Retry-After.")
+@click.option("--slots", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Requests generated at once, batched into one forward pass per step (--backend torch).")
+@click.option("--no-prompt-cache", is_flag=True,
+              help="Compute every prompt in full instead of reusing cached prefixes (for measuring).")
 @click.option("--api-key", envvar="SUPERMIX_API_KEY", default=None, metavar="KEY",
               help="Require 'Authorization: Bearer KEY' on /v1 (env: SUPERMIX_API_KEY); the page asks for it.")
 @click.option("--insecure-no-auth", is_flag=True, help="Serve a non-loopback --host without an API key.")
@@ -216,7 +220,8 @@ def check_exposure(host: str, api_key: str | None, insecure_no_auth: bool) -> No
 def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool, device: str,
           dtype: str, backend_kind: str, host: str, port: int, max_queue: int, api_key: str | None,
           insecure_no_auth: bool, allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...],
-          max_tokens_limit: int | None, request_timeout: float | None) -> None:
+          max_tokens_limit: int | None, request_timeout: float | None, slots: int,
+          no_prompt_cache: bool) -> None:
     """Serve the web chat page and an OpenAI-compatible API (/v1/chat/completions, /v1/completions).
 
     \b
@@ -224,6 +229,7 @@ def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no
       supermix serve                                # http://127.0.0.1:8000
       supermix serve --port 9000 --model v2
       SUPERMIX_API_KEY=s3cret supermix serve --host 0.0.0.0
+      supermix serve --slots 16 --max-queue 64      # 16 chats at once, 64 more may wait
     \b
     Any OpenAI client works:
       OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -236,7 +242,8 @@ def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no
         click.echo(rt.note, err=True)
     app = create_app(rt.backend, rt.index, max_queue=max_queue, host=host, api_key=api_key,
                      allow_hosts=allow_hosts, allow_origins=allow_origins, max_tokens_limit=max_tokens_limit,
-                     request_timeout=request_timeout, models_root=Path("models"))
+                     request_timeout=request_timeout, models_root=Path("models"),
+                     slots=slots, prompt_cache=not no_prompt_cache)
     auth = "API key required" if api_key else "no API key"
     click.echo(f"supermix: serving {rt.backend.name} on http://{host}:{port}  (API: http://{host}:{port}/v1, {auth})")
     run_server(app, host, port)

@@ -8,11 +8,12 @@ Design choices:
   `retrieval`, `top_k`, `retrieval_k`, `repetition_penalty`; responses carry `citations` on the
   message / the last stream chunk. Request shapes and limits: api_models.py; Host, Origin,
   content type, API key and security headers: guard.py.
-- One model, one generation at a time: jobs go to a single worker thread; `max_queue` more may
-  wait, the next one gets 503 at once rather than hanging. Every job has a stop Event passed to
-  the engine as `should_stop`; a client that disconnects (polled with `request.is_disconnected()`,
-  or its stream task cancelled) sets it, so its slot frees within one token. `--request-timeout`
-  sets it too, at the deadline (504, or an in-band error once a stream has started).
+- One model, `slots` generations at once, batched into one forward pass per step
+  (`runtime_python/batching.py`); `max_queue` more may wait, the next one gets 503 with
+  Retry-After at once rather than hanging. Every job has a stop Event passed to the engine as
+  `should_stop`; a client that disconnects (polled with `request.is_disconnected()`, or its stream
+  task cancelled) sets it, so its slot frees at the next step. `--request-timeout` sets it too, at
+  the deadline (504, or an in-band error once a stream has started).
 - logprobs come from the engine's `on_token` hook (the raw distribution, see generation.py): the
   worker queues each token's entry just before the text it produced, so a stream chunk carries
   the logprobs of its own tokens.
@@ -48,6 +49,8 @@ from runtime_python.api_models import (MAX_BODY_BYTES, ApiError, ChatRequest, Co
                                        check_completion, error_response, parse, validation_error)
 from runtime_python.api_responses import (Item, chat_logprobs, chat_sse, citations, completion_sse,
                                           legacy_logprobs, stream, usage)
+from runtime_python.backends import TorchBackend
+from runtime_python.batching import Cancelled, Engine, Serial
 from runtime_python.chat import Reply, generate_stream
 from runtime_python.generation import GenerationConfig, TokenLogprob, token_logprob
 from runtime_python.guard import Guard
@@ -66,23 +69,33 @@ class Job:
 
 
 class Scheduler:
-    """One generation at a time on one worker thread; at most `max_queue` jobs wait behind it."""
+    """Up to `slots` generations at once, batched step by step by `runtime_python.batching.Engine` (a
+    backend that is not a plain TorchBackend, such as ONNX, runs one at a time through `Serial`); at
+    most `max_queue` more wait, the next one gets 503 with Retry-After."""
 
-    def __init__(self, backend: Any, index: Any, max_queue: int) -> None:
+    def __init__(self, backend: Any, index: Any, max_queue: int, slots: int = 8, prompt_cache: bool = True) -> None:
         self.backend, self.index, self.max_queue = backend, index, max_queue
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="supermix-generate")
+        # an exact type check: wrappers (tests' slowed-down backends) keep their own prefill/decode
+        batched = type(backend) is TorchBackend
+        self.engine = Engine(backend, slots, prompt_cache=prompt_cache) if batched else Serial(backend)
+        self.slots = self.engine.n_slots
+        # one thread per slot: the executor's queue is the waiting line, so a started job finds a free slot
+        self.executor = ThreadPoolExecutor(self.slots, thread_name_prefix="supermix-generate")
         self.pending = 0  # running + waiting; touched only on the event loop
-        self.running = False
-        self.stats = {"completed": 0, "cancelled": 0, "rejected": 0}
+        self.running = 0  # generations holding a slot
+        self._lock = threading.Lock()
+        self.stats = {"completed": 0, "cancelled": 0, "rejected": 0, "slots": self.slots}
 
     def submit(self, messages: list[dict], gen: GenerationConfig, retrieval: bool, k: int,
                logprobs: int | None = None, prompt_ids: list[int] | None = None) -> Job:
         """A job whose queue gets text deltas, then the Reply; with `logprobs` (top alternatives
         per token) each token's [TokenLogprob] comes just before its text."""
-        if self.pending > self.max_queue:  # one running + max_queue waiting
+        if self.pending >= self.slots + self.max_queue:
             self.stats["rejected"] += 1
-            raise ApiError(503, f"the model is busy ({self.max_queue} requests waiting); retry shortly",
-                           None, "queue_full", "server_error")
+            e = ApiError(503, f"the model is busy ({self.slots} running, {self.max_queue} waiting); retry shortly",
+                         None, "queue_full", "server_error")
+            e.headers = {"Retry-After": "1"}
+            raise e
         loop = asyncio.get_running_loop()
         job = Job(asyncio.Queue())
         self.pending += 1
@@ -94,10 +107,14 @@ class Scheduler:
                 job.stop.set()
 
         def run() -> None:
+            slot = None
             try:
                 if job.stop.is_set():  # its client left while it waited
                     return
-                self.running = True
+                # the engine drops a client that left at its next step, even in the middle of a prompt
+                slot = self.engine.slot(should_stop=job.stop.is_set)
+                with self._lock:
+                    self.running += 1
                 scored: list[TokenLogprob] = []
                 count = [0]  # a chat reply's first token loses its dummy-prefix space, as the text does
 
@@ -106,7 +123,7 @@ class Scheduler:
                     scored.append(token_logprob(self.backend.tokenizer, logits, i, logprobs or 0, first))
                     count[0] += 1
 
-                for item in generate_stream(self.backend, messages, gen, index=self.index,
+                for item in generate_stream(slot, messages, gen, index=self.index,
                                             retrieval=retrieval and self.index is not None, k=k,
                                             should_stop=job.stop.is_set, prompt_ids=prompt_ids,
                                             on_token=None if logprobs is None else hook):
@@ -114,11 +131,16 @@ class Scheduler:
                         put(scored[:])
                         scored.clear()
                     put(item)
+            except Cancelled:  # its client left (or timed out): nobody reads the queue
+                pass
             except Exception as e:  # delivered to the request; the worker lives on
                 put(e)
             finally:
+                if slot is not None:
+                    slot.release()  # at once: the next request can take the slot
+                    with self._lock:
+                        self.running -= 1
                 job.cancelled = job.stop.is_set()  # only a disconnect sets it before _END is read
-                self.running = False
                 put(_END)
 
         def done(_: Any) -> None:
@@ -231,13 +253,13 @@ def registry_models(models_root: Path | None) -> list[dict]:
 def create_app(backend: Any, index: Any = None, max_queue: int = 16, *, host: str = "127.0.0.1",
                api_key: str | None = None, allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = (),
                max_tokens_limit: int | None = None, request_timeout: float | None = None,
-               models_root: Path | None = None) -> FastAPI:
-    """The FastAPI app serving `backend` (one generation at a time) with optional retrieval.
+               models_root: Path | None = None, slots: int = 8, prompt_cache: bool = True) -> FastAPI:
+    """The FastAPI app serving `backend` (`slots` generations at once, batched) with optional retrieval.
     `host` is the address it is bound to (for the Host check); see guard.py for the rest."""
     app = FastAPI(title="Supermix", docs_url=None, redoc_url=None)
     app.add_middleware(Guard, bound_host=host, allow_hosts=tuple(allow_hosts), allow_origins=tuple(allow_origins),
                        api_key=api_key or None)
-    sched = Scheduler(backend, index, max_queue)
+    sched = Scheduler(backend, index, max_queue, slots, prompt_cache)
     app.state.scheduler = sched
     model, created = backend.name, int(time.time())
     context = int(backend.max_seq_len)
@@ -245,7 +267,7 @@ def create_app(backend: Any, index: Any = None, max_queue: int = 16, *, host: st
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return error_response(e)
+        return error_response(e, getattr(e, "headers", None))  # a full queue's Retry-After
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:

@@ -135,7 +135,9 @@ def test_n_choices_are_seeded_and_usage_counts_the_prompt_once(server, runtime):
     assert u.completion_tokens == sum(engine(runtime, messages=kw["messages"], max_tokens=24, seed=7 + i,
                                              temperature=1.0, retrieval=False)[0].completion_tokens for i in range(3))
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
-    assert u.prompt_tokens_details.cached_tokens == 0
+    assert u.prompt_tokens_details.cached_tokens < u.prompt_tokens
+    # b asked the same: its prompt was cached but for the last token (whose logits start the reply)
+    assert b.usage.prompt_tokens_details.cached_tokens == b.usage.prompt_tokens - 1
 
 
 def test_a_stop_list_cuts_a_completion(server, runtime):
