@@ -370,3 +370,16 @@ def test_docstrings_do_not_depend_on_the_machine_or_leak_its_environment(monkeyp
     assert by_id["docstring:platform.architecture"].startswith("platform.architecture(executable=sys.executable,")
     assert "docstring:distutils.bcppcompiler" in by_id  # the stdlib's own distutils, not setuptools' copy
     assert list(docstrings.records()) == recs  # and the same on every run
+
+
+def test_origins_of_installed_sources_do_not_name_the_machines_folders():
+    """Records say where they came from as imported (pydoc_data/topics.py), not under which interpreter
+    or virtualenv folder, or a clean clone's corpus differs from the committed one."""
+    import sys
+
+    from source.corpus import chitchat, pydoc_topics
+
+    origins = {r["origin"] for r in pydoc_topics.records(limit=3)}
+    if chitchat.missing(None) is None:
+        origins |= {r["origin"] for r in chitchat.records(limit=3)}
+    assert origins and not any(sys.prefix in o or sys.base_prefix in o or o.startswith("/") for o in origins), origins

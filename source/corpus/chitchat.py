@@ -93,6 +93,8 @@ def conversation_text(messages: list[list[dict]]) -> str:
 
 def records(path: str | None = None, limit: int | None = None) -> Iterator[dict]:
     f = _file(path)
+    # the installed package as imported, not the virtualenv's folder, so corpora built anywhere are equal
+    origin = "chitchat_dataset/dataset.json" if path is None else str(f)
     with open(f, encoding="utf-8") as fh:
         data = json.load(fh)
     for conv_id in sorted(data):  # sorted: the JSON's order is an accident of how it was dumped
@@ -100,4 +102,4 @@ def records(path: str | None = None, limit: int | None = None) -> Iterator[dict]
         text = conversation_text(conv.get("messages", []))
         if text:
             title = " ".join(str(conv.get("prompt") or "").split()) or "conversation"
-            yield {"id": f"chitchat:{conv_id}", "title": title, "text": text, "origin": str(f)}
+            yield {"id": f"chitchat:{conv_id}", "title": title, "text": text, "origin": origin}

@@ -36,6 +36,6 @@ def version() -> str:
 def records(path: str | None = None, limit: int | None = None) -> Iterator[dict]:
     from pydoc_data.topics import topics
 
-    origin = str(_module_file())
+    origin = "pydoc_data/topics.py"  # as imported: the interpreter's install folder differs between machines
     for key in sorted(topics):
         yield {"id": f"pydoc:topic:{key}", "title": key, "text": topics[key], "origin": origin}
