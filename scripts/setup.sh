@@ -3,7 +3,7 @@
 #   bash scripts/setup.sh          runtime + builder
 #   bash scripts/setup.sh --dev    + test dependencies
 # Optional corpus sources come from apt (python3-doc, wordnet-base, dict-foldoc), npm from apt when it is
-# missing, and --dev adds Debian's chromium for the browser tests; SKIP_APT=1 skips apt.
+# missing, and Debian's chromium (the release's site check and the browser tests); SKIP_APT=1 skips apt.
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes torch's CPU-only wheel from that index
 # (PyPI's Linux wheel is the multi-GB CUDA build).
 # The site's npm packages (web_static/package-lock.json) are installed with `npm ci --ignore-scripts`.
@@ -11,17 +11,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-dev=0
+
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras="[dev]"; dev=1 ;;
+    --dev) extras="[dev]" ;;
     *) echo "setup.sh: unknown option $arg (use --dev)" >&2; exit 2 ;;
   esac
 done
 
-apt_packages=(python3-doc wordnet-base dict-foldoc)
+# chromium: `builder release` asks the champion's natural questions through the built site in it
+apt_packages=(python3-doc wordnet-base dict-foldoc chromium)
 command -v npm >/dev/null || apt_packages+=(nodejs npm)
-if [ "$dev" = 1 ]; then apt_packages+=(chromium); fi
 if [ "${SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${apt_packages[@]}"; do

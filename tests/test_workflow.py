@@ -53,3 +53,16 @@ def test_pages_workflow_builds_where_the_committed_corpus_was_built():
     assert build["container"] == f"python:{python}-bookworm"
     assert build["env"]["TORCH_INDEX_URL"].endswith("/whl/cpu") and "TORCH_INDEX_URL" in (ROOT / "scripts" / "setup.sh").read_text()
     assert not any("setup-python" in s.get("uses", "") for s in build["steps"])  # the container's Python
+
+
+def test_the_main_job_installs_what_the_release_runs():
+    """README command 1 and the Pages workflow run `scripts/setup.sh` without --dev, and `builder release`
+    asks the champion's questions through the built site in Chromium: both must come without --dev."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("playwright") for d in project["dependencies"])
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    packages = re.search(r"^apt_packages=\((.*)\)$", setup, re.M).group(1).split()
+    assert {"chromium", "python3-doc", "wordnet-base", "dict-foldoc"} <= set(packages)
