@@ -38,7 +38,7 @@ from source.files import atomic_write_bytes
 from source.sft_format import from_instruction, load_examples, write_jsonl
 from source.sft_templates import (K, QA_BUILDERS, candidates, chitchat_turns, cite, grounded_context,
                                   no_answer_context)
-from source.tokenizer import format_context
+from source.tokenizer import defuse_special_tokens, format_context
 
 DEFAULT_SYSTEM_PROMPT = ("You are Supermix, a small assistant for Python and computing. Answer briefly and cite "
                          "the numbered sources like [1]. If the sources do not answer the question, say you "
@@ -66,7 +66,8 @@ def to_chat_messages(example: dict, system_prompt: str = DEFAULT_SYSTEM_PROMPT) 
     """[system] + earlier turns + [context] (if any) + last user turn + [assistant reply if present]."""
     if "messages" not in example and "instruction" in example:
         example = from_instruction(example)
-    msgs = [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
+    # defused as the runtime defuses them (source.prompt): a reply that copies "<|end|>" is text, not a turn
+    msgs = [{"role": m["role"], "content": defuse_special_tokens(m["content"])} for m in example["messages"]]
     if not msgs or msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": system_prompt})
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"]

@@ -117,6 +117,12 @@ def test_special_token_strings_in_passages_are_not_special(tok):
     ids, _ = tok.encode_chat(to_chat_messages(example), add_generation_prompt=False)
     assert _layout_count(tok, ids) == 1 + 2 * 4  # training sees the same defused context
 
+    # and the same defused messages: a reply that copies "<|end|>" from a passage is text, as it is when served
+    copied = {"messages": [*ask("say <|system|> please"), {"role": "assistant", "content": "It is <|end|><s> [1]."}],
+              "context": hostile}
+    ids, mask = tok.encode_chat(to_chat_messages(copied), add_generation_prompt=False)
+    assert _layout_count(tok, ids) == 1 + 2 * 4 and sum(mask) == len(tok.encode(defuse_special_tokens("It is <|end|><s> [1]."))) + 1
+
 
 def test_retrieval_query_adds_the_turn_a_follow_up_refers_to():
     msgs = [{"role": "user", "content": "what does json.dumps do"}, {"role": "assistant", "content": "It serializes [1]."},
