@@ -149,8 +149,14 @@ def check_same_save(ckpt: dict[str, Any], state: dict[str, Any], folder: str | P
             "Hint: put back both files of one save, or train again without --resume.")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any]]:
-    ckpt = read_checkpoint(path)  # config and shapes checked: building the model below allocates what the file holds
+def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> Transformer:
+    """The model of a checkpoint `read_checkpoint` returned (config and shapes already checked, so building
+    it allocates what the file holds)."""
     model = Transformer(ModelConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"], strict=False)  # strict=False: a tied lm_head.weight is not stored
-    return model.to(device), ckpt
+    return model.to(device)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict[str, Any]]:
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, device), ckpt

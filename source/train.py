@@ -26,8 +26,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from source.checkpoint import (CheckpointError, atomic_torch_save, check_same_save, load_model, new_save_id, read_checkpoint,
-                               read_train_state, save_model)
+from source.checkpoint import (CheckpointError, atomic_torch_save, check_same_save, load_model, model_from_checkpoint,
+                               new_save_id, read_checkpoint, read_train_state, save_model)
 from source.files import atomic_write_bytes
 from source.config import ModelConfig, TrainConfig
 from source.lora import apply_lora, load_lora_state, lora_state_dict, merged_copy
@@ -248,10 +248,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         raise ValueError("LoRA fine-tunes an existing model: pass init_from (the base model.pth)")
     torch.manual_seed(train_cfg.seed)
     if resume:  # before any model is built: weights and optimizer state must come from one save
-        state = read_train_state(state_path)
-        check_same_save(read_checkpoint(out_dir / "model.pth"), state, out_dir)
+        state, saved = read_train_state(state_path), read_checkpoint(out_dir / "model.pth")
+        check_same_save(saved, state, out_dir)
     if resume and not lora_rank:  # LoRA resumes from the frozen base plus the saved adapters
-        model, _ = load_model(out_dir / "model.pth")
+        model = model_from_checkpoint(saved)
     elif init_from is not None:
         model, _ = load_model(init_from)
     else:
