@@ -183,14 +183,12 @@ class Engine:
         ids, s.prompt = s.prompt, None
         limit = len(ids) - 1 if self.prompt_cache else 0  # the last prompt token always runs: its logits
 
-        def shared(row: int) -> int:
-            return common_prefix(self.tokens[row][:self.prompted[row]], ids, limit)
-
+        shared = [common_prefix(self.tokens[r][:self.prompted[r]], ids, limit) for r in range(self.n_slots)]
         free = [r for r in range(self.n_slots) if self.owner[r] is None]  # never empty: live <= slots
-        row = max(free, key=lambda r: (shared(r), -self.last_used[r]))
-        keep, source = shared(row), max(range(self.n_slots), key=shared)
-        if shared(source) > keep:  # copy a longer prefix (a system prompt, a chat's earlier turns)
-            keep = shared(source)
+        row = max(free, key=lambda r: (shared[r], -self.last_used[r]))
+        keep, source = shared[row], max(range(self.n_slots), key=shared.__getitem__)
+        if shared[source] > keep:  # copy a longer prefix (a system prompt, a chat's earlier turns)
+            keep = shared[source]
             self.cache.k[:, row, :, :keep] = self.cache.k[:, source, :, :keep]
             self.cache.v[:, row, :, :keep] = self.cache.v[:, source, :, :keep]
             self.tokens[row] = self.tokens[source][:keep]
@@ -269,19 +267,11 @@ class Serial:
     def __init__(self, backend: Any) -> None:
         self.backend, self.n_slots = backend, 1
         self._lock = threading.Semaphore(1)
-        self.stats: dict[str, int] = {}
-
-    @property
-    def free_slots(self) -> int:
-        return 1 if self._lock._value else 0
 
     def slot(self, should_stop: Callable[[], bool] | None = None, timeout: float | None = None) -> "_Held":
         if not self._lock.acquire(timeout=timeout):
             raise TimeoutError(f"the model stayed busy for {timeout} s")
         return _Held(self)
-
-    def close(self) -> None:
-        pass
 
 
 class _Held:
