@@ -145,7 +145,7 @@ def eval_(model_spec: str | None, tokenizer_dir: Path | None, data_dir: Path, sf
             natural = evaluate_natural(questions, parse_via(via), model_spec=model_spec, root=root,
                                        tokenizer_dir=tokenizer_dir, index_path=index_path, export_dir=export_dir,
                                        site_dir=site_dir, limit=limit, sample=sample,
-                                       seed=seed, max_new_tokens=max_new_tokens, progress=not quiet)
+                                       seed=seed, max_new_tokens=max_new_tokens, progress=not quiet, dtype=dtype)
         except (ItemError, EvalSetupError) as e:
             raise click.ClickException(str(e)) from None
     report, version_id = {}, None

@@ -43,8 +43,7 @@ from source.files import sha256_file
 from source.natural_eval import METRICS, aggregate, agreement, load_items, score_item
 
 PATHS = ("torch", "onnx", "site")
-ONNX_FILES = {"q8": "onnx/model_quantized.onnx", "fp32": "onnx/model.onnx"}  # what the site and OnnxBackend load
-ONNX_FILE = ONNX_FILES["q8"]  # the file the site ships by default
+
 CHROMIUM = Path("/usr/bin/chromium")
 # headless Chromium's flags for the site (docs/pages/decisions.md); tests/test_site.py and
 # benchmarks/browser.py launch it with these too
@@ -56,6 +55,13 @@ SITE_REPLY_TIMEOUT_S = 600.0
 
 class EvalSetupError(Exception):
     """A missing or unusable input (model, export, site, index, browser); the message says what to run."""
+
+
+def onnx_file(dtype: str) -> str:
+    """The export's file for `dtype`, as OnnxBackend and the site (its `?dtype=`) load it."""
+    from runtime_python.onnx_backend import ONNX_FILES
+
+    return f"onnx/{ONNX_FILES[dtype]}"
 
 
 def parse_via(via: str) -> list[str]:
@@ -140,9 +146,9 @@ def onnx_path(export_dir: Path, items: list[dict], max_new_tokens: int,
               progress: bool = True, dtype: str = "q8") -> dict:
     from runtime_python.onnx_backend import OnnxBackend
 
-    onnx_file = export_dir / ONNX_FILES[dtype]
-    if not onnx_file.is_file() or not (export_dir / "config.json").is_file():
-        raise EvalSetupError(f"{export_dir} is not an export folder with {ONNX_FILES[dtype]}: run "
+    weights = export_dir / onnx_file(dtype)
+    if not weights.is_file() or not (export_dir / "config.json").is_file():
+        raise EvalSetupError(f"{export_dir} is not an export folder with {onnx_file(dtype)}: run "
                              f"`builder export --out {export_dir}` or pass --export DIR")
     where = export_dir / "index"
     index = _index(where)
@@ -151,7 +157,7 @@ def onnx_path(export_dir: Path, items: list[dict], max_new_tokens: int,
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise EvalSetupError(str(e)) from None
     manifest = _read_json(export_dir / "manifest.json")
-    info = {"export": str(export_dir), "onnx_file": ONNX_FILES[dtype], "onnx_sha256": sha256_file(onnx_file),
+    info = {"export": str(export_dir), "onnx_file": onnx_file(dtype), "onnx_sha256": sha256_file(weights),
             "model_version": manifest.get("model_version"), "source_checkpoint": manifest.get("source_checkpoint"),
             "backend": f"onnxruntime {dtype} cpu", "retrieval": str(where)}
     try:
@@ -209,9 +215,9 @@ def site_path(site_dir: Path, items: list[dict], max_new_tokens: int, progress: 
               chromium: Path = CHROMIUM, dtype: str = "q8") -> dict:
     from tqdm import tqdm
 
-    model = site_dir / "models" / "supermix" / ONNX_FILES[dtype]
+    model = site_dir / "models" / "supermix" / onnx_file(dtype)
     if not (site_dir / "index.html").is_file() or not (site_dir / "site.json").is_file() or not model.is_file():
-        raise EvalSetupError(f"{site_dir} is not a built site (index.html, site.json, models/supermix/{ONNX_FILES[dtype]}): "
+        raise EvalSetupError(f"{site_dir} is not a built site (index.html, site.json, models/supermix/{onnx_file(dtype)}): "
                              f"run `builder site --out {site_dir}` or pass --site DIR")
     if not Path(chromium).is_file():
         raise EvalSetupError(f"{chromium} not found: install Debian's chromium (apt-get install chromium)")
@@ -221,7 +227,7 @@ def site_path(site_dir: Path, items: list[dict], max_new_tokens: int, progress: 
         raise EvalSetupError("the playwright package is missing: pip install playwright "
                              "(its browser download is not needed)") from None
     config = _read_json(site_dir / "site.json")
-    info = {"site": str(site_dir), "onnx_file": f"models/supermix/{ONNX_FILES[dtype]}", "onnx_sha256": sha256_file(model),
+    info = {"site": str(site_dir), "onnx_file": f"models/supermix/{onnx_file(dtype)}", "onnx_sha256": sha256_file(model),
             "model_version": config.get("model_version"), "cache_key": config.get("cache_key"),
             "backend": f"chromium onnxruntime-web wasm {dtype}", "retrieval": "site index (web_static/retrieval.js)"}
     external: list[str] = []

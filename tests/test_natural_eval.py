@@ -221,6 +221,13 @@ def test_eval_torch_and_onnx(tiny_base, tiny_workspace, tiny_index, tiny_export,
     assert picked[0] == picked[1] and len(picked[0]) == 3
     ids = [json.loads(line)["id"] for line in questions.read_text().splitlines()]
     assert picked[0] == [i for i in ids if i in picked[0]]
+    # --dtype picks the file OnnxBackend (and the site) load: the report names it and its hash
+    r = runner.invoke(builder_main, ["eval", "--questions", str(questions), "--via", "onnx", "--export", str(tiny_export),
+                                     "--limit", "1", "--max-new-tokens", "8", "--dtype", "fp32", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())["natural"]
+    run = report["paths"]["onnx"]
+    assert report["onnx_dtype"] == "fp32" and run["onnx_file"] == "onnx/model.onnx" and "fp32" in run["backend"]
 
 
 needs_site = pytest.mark.skipif(
