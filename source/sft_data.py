@@ -14,8 +14,14 @@ Design choices:
   swapped for the gold chunk; a miss inserts the gold at a random position. Retrieval ranks the
   gold first most of the time, so a share of examples shuffles the order: the model must read the
   sources to cite, not always write [1].
+- Asked the way people type: besides each source's templates, source.sft_phrasing asks the same
+  answer as requests ("explain X to me"), as how-to tasks derived from an API's lead that do not name
+  it, casually (lower case, no "?", typos, fillers) and as follow-ups ("what about X?") after another
+  exchange. Passages are what the runtime retrieves for the whole conversation (retrieval_query).
+  The natural evaluation set's questions are never generated (`natural_questions`).
 - No-answer examples: the same kinds of questions with every passage of the entity removed (its
-  record, its title, any passage naming it); the reply is a fixed "I don't know" phrasing.
+  record, its title, its name as another class's method, any passage naming it or repeating its
+  text); the reply is a fixed "I don't know" phrasing.
 - The test split is by entity and seed-independent: sha256(entity) puts ~5% of entities in test
   only, so an evaluation set stays comparable across rebuilds and no test entity is asked about
   in train. All sampling is seeded per source: one source's limit does not move the others.
@@ -36,6 +42,7 @@ from tqdm import tqdm
 from source.corpus.build import iter_records
 from source.files import atomic_write_bytes
 from source.sft_format import from_instruction, load_examples, write_jsonl
+from source.sft_phrasing import FOLLOWUPS, casual, varied_questions
 from source.sft_templates import (K, QA_BUILDERS, candidates, chitchat_turns, cite, grounded_context,
                                   no_answer_context)
 from source.tokenizer import defuse_special_tokens, format_context
@@ -55,7 +62,9 @@ TEST_FRACTION = 0.05
 DEFAULT_LIMITS = {"docstrings": 9000, "pydoc-topics": 600, "python-docs": 7000, "wordnet": 10000,
                   "foldoc": 8000, "chitchat": 5500}
 _CITATION = re.compile(r" ?\[[0-9]+\]")  # ASCII digits, like the JS port (web_static/prompt.js)
-NO_ANSWER_SHARE, SHUFFLE_SHARE, FOLLOWUP_SHARE = 0.15, 0.4, 0.08
+NO_ANSWER_SHARE, SHUFFLE_SHARE, FOLLOWUP_SHARE = 0.12, 0.4, 0.08
+CASUAL_SHARE, TOPIC_FOLLOWUP_SHARE = 0.6, 0.08  # typed in a hurry; "what about X?" after another question
+NATURAL_SET = Path(__file__).resolve().parent.parent / "datasets/eval/natural.jsonl"
 # the runtime retrieves for every message, small talk included: most chit-chat shows passages it ignores
 CHITCHAT_CONTEXT_SHARE = 0.6
 
@@ -164,20 +173,42 @@ def scaled_limits(limits: dict | None = None, total: int | None = None) -> dict:
     return out
 
 
+def question_key(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def natural_questions(path: Path = NATURAL_SET) -> set[str]:
+    """The evaluation set's questions and history turns (question_key form): never asked in training."""
+    if not path.is_file():
+        return set()
+    out = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            item = json.loads(line)
+            out |= {question_key(item["question"])} | {question_key(t["content"]) for t in item.get("history", [])
+                                                        if t.get("role") == "user"}
+    return out
+
+
 def generate_examples(data_dir, index_path, seed: int = 0, limits: dict | None = None, tokenizer=None,
                       max_tokens: int = MAX_TOKENS, progress: bool = False,
-                      stats: Counter | None = None) -> tuple[list[dict], list[dict]]:
+                      stats: Counter | None = None, held_out: set[str] | None = None) -> tuple[list[dict], list[dict]]:
     """Grounded, no-answer and chit-chat examples from a built corpus + its retrieval index.
 
     `limits` maps a source to its number of examples (see DEFAULT_LIMITS; 0 turns a source off).
     `tokenizer` (a source.tokenizer.Tokenizer) enforces `max_tokens`; without one passages are
-    only clipped to PASSAGE_CHARS. Skip counts go into `stats` when given. Returns (train, test)."""
+    only clipped to PASSAGE_CHARS. Skip counts go into `stats` when given. Questions whose
+    question_key is in `held_out` (default: the natural evaluation set's) are never asked.
+    Returns (train, test)."""
     from source.retrieval import Index
 
     limits = scaled_limits(limits)
     stats = stats if stats is not None else Counter()
     index = Index(index_path)
     by_source = load_records(data_dir)
+    held_out = natural_questions() if held_out is None else held_out
+    # "Handle a request" is a task, "Handler for call events" is not: WordNet's verbs tell them apart
+    verbs = {r["title"].lower() for r in by_source.get("wordnet", []) if r["id"].startswith("wordnet:verb:")} or None
     split = _chitchat(by_source.get("chitchat", []), limits.get("chitchat", 0), seed, tokenizer, max_tokens)
     for part in split:
         add_retrieved_context(split[part], index, random.Random(f"{seed}:chitchat-context:{part}"), tokenizer,
@@ -197,22 +228,37 @@ def generate_examples(data_dir, index_path, seed: int = 0, limits: dict | None =
                 gold = index.get(f"{rec['id']}#0")
                 item = build(rec, clip_text(gold.text, PASSAGE_CHARS), by_source[source], rng) if gold else None
                 if item and item["qa"]:
+                    item["qa"] += [(q, item["answer"]) for q in varied_questions(item, rng, verbs)]
                     items.append((item, gold))
                 else:
                     stats[f"unusable:{source}"] += 1
                 if len(items) >= quota:
                     break
             per, extra = divmod(quota, max(1, len(items)))
+            before: dict[str, list[dict]] = {"train": [], "test": []}  # the last exchange, for follow-ups
             for n, (item, gold) in enumerate(tqdm(items, desc=f"sft {source} questions", unit="item",
                                                   disable=not progress, leave=False)):
                 part = "test" if is_test_entity(item["entity"]) else "train"
                 for question, answer in rng.sample(item["qa"], min(len(item["qa"]), per + (n < extra))):
-                    ex = _qa_example(index, item, gold, question, answer, source, fillers, rng,
-                                     openers[part], tokenizer, max_tokens)
+                    history = rng.choice(openers[part]) if openers[part] and rng.random() < FOLLOWUP_SHARE else []
+                    if before[part] and item.get("subjects") and rng.random() < TOPIC_FOLLOWUP_SHARE:
+                        history = before[part]
+                        question = rng.choice(FOLLOWUPS).format(x=rng.choice(item["subjects"]))
+                    if rng.random() < CASUAL_SHARE:
+                        question = casual(question, rng, protect=item["entity"])
+                    if question_key(question) in held_out:
+                        stats[f"natural_question:{source}"] += 1
+                        continue
+                    ex = _qa_example(index, item, gold, history, question, answer, source, fillers, rng,
+                                     tokenizer, max_tokens)
                     if ex is None:
                         stats[f"over_budget:{source}"] += 1
-                    else:
-                        split[part].append(ex)
+                        continue
+                    if history is before[part]:
+                        ex["meta"]["followup"] = True
+                    split[part].append(ex)
+                    if ex["meta"]["kind"] == "grounded":
+                        before[part] = [dict(m) for m in ex["messages"][-2:]]
     finally:
         index.close()
     for part, examples in split.items():
@@ -258,19 +304,22 @@ def add_retrieved_context(examples: list[dict], index, rng: random.Random, token
     return added
 
 
-def _qa_example(index, item, gold, question, answer, source, fillers, rng, openers, tokenizer, max_tokens):
+def _qa_example(index, item, gold, history, question, answer, source, fillers, rng, tokenizer, max_tokens):
+    """One question about `item` after `history`; its passages are what the runtime retrieves for it
+    (source.prompt.retrieval_query), with the gold swapped in, or, for a no-answer example, removed."""
+    from source.prompt import retrieval_query  # source.prompt lays examples out with this module
+
     entity = item["entity"]
     meta = {"kind": "grounded", "entity": entity, "source": source, "gold": gold.id,
             "item": gold.id.rsplit("#", 1)[0]}
-    msgs = [{"role": "user", "content": question}]
-    if openers and rng.random() < FOLLOWUP_SHARE:
-        msgs = rng.choice(openers) + msgs
+    msgs = [dict(m) for m in history] + [{"role": "user", "content": question}]
+    query = retrieval_query(msgs)
     if rng.random() < NO_ANSWER_SHARE:
-        passages = no_answer_context(index, question, gold, entity, fillers, rng)
+        passages = no_answer_context(index, query, gold, entity, fillers, rng)
         ex = {"messages": msgs + [{"role": "assistant", "content": rng.choice(NO_ANSWER_REPLIES)}],
               "context": [], "meta": {**meta, "kind": "no-answer", "gold": None}}
         return ex if fit_budget(ex, passages, tokenizer, max_tokens) else None
-    passages, pos = grounded_context(index, question, gold, rng, SHUFFLE_SHARE)
+    passages, pos = grounded_context(index, query, gold, rng, SHUFFLE_SHARE)
     ex = {"messages": msgs + [{"role": "assistant", "content": cite(answer, pos)}], "context": [], "meta": meta}
     need = _span_end(gold.text, item.get("span", ""))
     return ex if fit_budget(ex, passages, tokenizer, max_tokens, pos, need) else None
@@ -318,7 +367,8 @@ def build_sft_data(data_dir, index_path, out_dir, seed: int = 0, limits: dict | 
                           "tokenizer": str(tokenizer.path) if tokenizer is not None else None,
                           "passage_chars": PASSAGE_CHARS, "test_fraction": TEST_FRACTION,
                           "shares": {"no_answer": NO_ANSWER_SHARE, "shuffle": SHUFFLE_SHARE,
-                                     "followup": FOLLOWUP_SHARE}, "add": [str(p) for p in add]},
+                                     "followup": FOLLOWUP_SHARE, "topic_followup": TOPIC_FOLLOWUP_SHARE,
+                                     "casual": CASUAL_SHARE}, "add": [str(p) for p in add]},
              "seconds": round(time.time() - t0, 1)}
     atomic_write_bytes(out / "stats.json", (json.dumps(stats, indent=2, ensure_ascii=False) + "\n").encode())
     return stats

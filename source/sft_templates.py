@@ -1,8 +1,9 @@
 """Question and answer templates for the offline SFT generator, one builder per corpus source.
 
 A builder takes a record and the text of its gold passage (chunk 0, clipped as the model will see
-it) and returns {"entity", "qa": [(question, answer), ...], "span"}, or None when the passage has
-nothing short and quotable. Answers are built only from `span`, a verbatim piece of the passage,
+it) and returns {"entity", "qa": [(question, answer), ...], "span", "answer", "ask", "subjects"}, or
+None when the passage has nothing short and quotable; source.sft_phrasing asks the same answer in
+the other ways people ask (`ask` is the kind of record, `subjects` the names people use for it). Answers are built only from `span`, a verbatim piece of the passage,
 so the model learns to copy from its sources; `cite` adds the marker later, once the gold's
 position in the context is known. Also here: which records to sample (`candidates`), how a QA
 example's passages are picked (`grounded_context`, `no_answer_context`) and chit-chat windows.
@@ -121,7 +122,8 @@ def qa_docstring(rec: dict, text: str, records: list, rng: random.Random) -> dic
         return None
     if head.startswith("Module "):
         desc = span if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", span) else f"The {name} module: {span}"
-        return {"entity": name, "span": span, "qa": [(q, desc) for q in (
+        return {"entity": name, "span": span, "answer": desc, "ask": "api", "subjects": [name],
+                "qa": [(q, desc) for q in (
             f"What is the {name} module?", f"What does the {name} module do?", f"What is {name} used for in Python?",
             f"Tell me about the {name} module.", f"{name} module?", f"Explain the {name} module.")]}
     desc = f"{name}: {span}"
@@ -129,7 +131,8 @@ def qa_docstring(rec: dict, text: str, records: list, rng: random.Random) -> dic
     usage_sig = f"{sig}." if len(sig) <= 90 and sig.startswith(name) else None
     if head.startswith("class "):
         usage = f"Create one with {usage_sig} {desc}" if usage_sig else desc
-        return {"entity": name, "span": span, "qa": [
+        return {"entity": name, "span": span, "answer": desc, "ask": "api", "subjects": api_names(name, records),
+                "howto": True, "qa": [
             (f"What is {name}?", desc), (f"What is the {name} class?", desc), (f"What is {name} used for?", desc),
             (f"Explain the {name} class.", desc), (f"{name}?", desc), (f"How do I create a {name}?", usage)]}
     usage = f"Call {usage_sig} {desc}" if usage_sig else desc
@@ -139,7 +142,29 @@ def qa_docstring(rec: dict, text: str, records: list, rng: random.Random) -> dic
     short = name[len(module) + 1:] if name.startswith(module + ".") else ""
     if short and "." not in short:
         qa.append((f"What does {short}() in the {module} module do?", desc))
-    return {"entity": name, "span": span, "qa": qa}
+    return {"entity": name, "span": span, "qa": qa, "answer": desc, "ask": "api", "subjects": api_names(name, records),
+            "howto": True}
+
+
+def api_names(name: str, records: list) -> list[str]:
+    """The names people type for an API: 'builtins.str.zfill' -> ['str.zfill', 'zfill']; the bare last
+    part only when no other record of the source ends with it (a question about "close" has many answers)."""
+    parts = name.removeprefix("builtins.").split(".")
+    out = [".".join(parts)]
+    if len(parts) > 2:
+        out.append(".".join(parts[-2:]))
+    if len(parts) > 1 and len(parts[-1]) >= 4 and _last_part_counts(records)[parts[-1]] == 1:
+        out.append(parts[-1])
+    return out
+
+
+def _last_part_counts(records: list) -> Counter:
+    if _LAST_PARTS[0] is not records:
+        _LAST_PARTS[:] = [records, Counter(r["title"].rsplit(".", 1)[-1] for r in records)]
+    return _LAST_PARTS[1]
+
+
+_LAST_PARTS: list = [None, Counter()]
 
 
 def qa_pydoc_topic(rec: dict, text: str, records: list, rng: random.Random) -> dict | None:
@@ -162,7 +187,8 @@ def qa_pydoc_topic(rec: dict, text: str, records: list, rng: random.Random) -> d
         qa += [(f"How do I use the {k} statement?", span), (f"What does the {k} statement do?", span),
                (f"How does {k} work in Python?", span), (f"What is '{k}' in Python?", span),
                (f"{k} statement?", span)]
-    return {"entity": rec["title"], "span": span, "qa": qa}
+    subjects = [name] + ([f"the {kw.group(1)} statement"] if kw else [])
+    return {"entity": rec["title"], "span": span, "qa": qa, "answer": span, "ask": "topic", "subjects": subjects}
 
 
 
@@ -197,7 +223,8 @@ def qa_python_docs(rec: dict, text: str, records: list, rng: random.Random) -> d
               (f"Explain {t}.", span), (f"{title}?", span)]
         if mod:
             qa.append((f"Tell me about {t} in {mod}.", span))
-    return {"entity": entity, "span": span, "qa": qa}
+    subjects = [t] if not page.startswith("What's New") and not title.endswith("?") else []
+    return {"entity": entity, "span": span, "qa": qa, "answer": span, "ask": "topic", "subjects": subjects}
 
 
 def qa_wordnet(rec: dict, text: str, records: list, rng: random.Random) -> dict | None:
@@ -229,7 +256,8 @@ def qa_wordnet(rec: dict, text: str, records: list, rng: random.Random) -> dict 
         qs.append(f"What does it mean to {w}?")
     elif pos == "adjective":
         qs.append(f"What does it mean if something is {w}?")
-    return {"entity": w, "span": span, "qa": [(q, answer()) for q in qs]}
+    return {"entity": w, "span": span, "qa": [(q, answer()) for q in qs], "answer": answer(), "ask": "word",
+            "subjects": [w]}
 
 
 def qa_foldoc(rec: dict, text: str, records: list, rng: random.Random) -> dict | None:
@@ -265,7 +293,7 @@ def qa_foldoc(rec: dict, text: str, records: list, rng: random.Random) -> dict |
                (f"What is {p}?", define(f"{title} ({p})", span))]
     elif p and " " in p and re.fullmatch(r"[A-Z0-9][A-Za-z0-9/&.+-]{1,11}", title) and title.upper() == title:
         qa.append((f"What does {title} stand for?", f"{title} stands for {p}. {it}"))
-    return {"entity": title, "span": span, "qa": qa}
+    return {"entity": title, "span": span, "qa": qa, "answer": desc, "ask": "term", "subjects": [title]}
 
 
 def candidates(source: str, records: list[dict], quota: int, rng: random.Random) -> list[dict]:
@@ -310,8 +338,14 @@ def no_answer_context(index, question: str, gold, entity: str, fillers: list[str
     record = gold.id.rsplit("#", 1)[0]
     names = re.compile(rf"(?<!\w){re.escape(entity)}(?!\w)", re.I) if len(entity) >= 3 else None
 
-    def about(p) -> bool:
-        return (p.id.rsplit("#", 1)[0] == record or p.title.strip().lower() == entity.strip().lower()
+    short = entity.rsplit(".", 1)[-1].lower()
+    gold_words = " ".join(gold.text.split()[:8]).lower() if len(gold.text.split()) >= 8 else None
+
+    def about(p) -> bool:  # its record, its name (also as another class's method), or the same text
+        title = p.title.strip().lower()
+        return (p.id.rsplit("#", 1)[0] == record or title == entity.strip().lower()
+                or ("." in entity and title.rsplit(".", 1)[-1] == short)
+                or bool(gold_words and gold_words in " ".join(p.text.split()).lower())
                 or bool(names and (names.search(p.text) or names.search(p.title))))
 
     out = [p for p in index.search(question, K + 7) if not about(p)][:K]
