@@ -176,3 +176,22 @@ def eval_(model_spec: str | None, tokenizer_dir: Path | None, data_dir: Path, sf
                                           "fact_recall_pass", "refusal_accuracy") if report.get(k) is not None}
         Registry(root).set_metrics(version_id, metrics)
         click.echo(f"metrics recorded for {version_id}")
+    if natural is not None and record and natural["n_items"] == natural["n_items_file"]:
+        record_natural(natural, model_spec, root, tokenizer_dir)
+
+
+def record_natural(natural: dict, model_spec: str | None, root: Path, tokenizer_dir: Path | None) -> None:
+    """A registry version's whole-set natural figures go into its metrics (`natural_site_correct` ranks
+    champions: source.registry.CHAMPION_RULE); a sample or a model outside the registry records nothing."""
+    from runtime_python.backends import resolve_model
+    from source.registry import Registry
+
+    version_id = registry_version(resolve_model(model_spec, root, tokenizer_dir)[0], root)
+    if version_id:
+        metrics = {}
+        for path, run in natural["paths"].items():
+            overall = run["metrics"]["overall"]
+            metrics |= {f"natural_{path}_correct": overall["correct"],
+                        f"natural_{path}_refusal_on_no_answer": overall["refusal_on_no_answer"]}
+        Registry(root).set_metrics(version_id, metrics)
+        click.echo(f"natural figures recorded for {version_id}")

@@ -33,8 +33,10 @@ from source.version_summary import finite_number as _num, training_summary, vers
 FORMAT = "supermix-registry-v1"
 KINDS = ("pretrain", "sft", "lora-merged")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-CHAMPION_RULE = ("highest grounded_qa wins; ties, and versions without grounded_qa, are ranked by lowest "
-                 "val_bpb; a version with neither metric is never picked; a full tie keeps the older version")
+CHAMPION_RULE = ("highest natural_site_correct (hand-written questions through the site) wins; ties, and "
+                 "versions without it, are ranked by highest grounded_qa, then by lowest val_bpb; a version with "
+                 "none of them is never picked; a full tie keeps the older version")
+RANKED = ("natural_site_correct", "grounded_qa", "val_bpb")  # in CHAMPION_RULE's order; val_bpb: lower is better
 _ID = re.compile(r"v([1-9][0-9]*)")
 LOCK_NAME = ".registry.lock"
 
@@ -63,6 +65,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def _figures(v: Version) -> str:
+    return ", ".join(f"{m} {_fmt(v.metric(m))}" for m in RANKED)
 
 
 def _fmt(x: float | None) -> str:
@@ -311,25 +317,32 @@ class Registry:
     def pick_champion(self) -> tuple[str | None, str]:
         """(id or None, reason) by CHAMPION_RULE. Applies nothing: `promote(id, reason)` does."""
         versions = self.versions()
-        cands = [v for v in versions if v.metric("grounded_qa") is not None or v.metric("val_bpb") is not None]
+        cands = [v for v in versions if any(v.metric(m) is not None for m in RANKED)]
         skipped = [v.id for v in versions if v not in cands]
-        note = f" ({', '.join(skipped)}: no grounded_qa or val_bpb, not considered)" if skipped else ""
+        note = f" ({', '.join(skipped)}: none of {', '.join(RANKED)}, not considered)" if skipped else ""
         if not cands:
-            return None, f"no version has grounded_qa or val_bpb; nothing to pick{note}"
-        ranked = sorted(cands, key=lambda v: (v.metric("grounded_qa") is None, -(v.metric("grounded_qa") or 0),
-                                              v.metric("val_bpb") is None, v.metric("val_bpb") or 0, v.number))
+            return None, f"no version has {', '.join(RANKED)}; nothing to pick{note}"
+
+        def key(v: Version) -> tuple:
+            out: tuple = ()
+            for m in RANKED:
+                value = v.metric(m)
+                out += (value is None, (value or 0) if m == "val_bpb" else -(value or 0))
+            return out + (v.number,)
+
+        ranked = sorted(cands, key=key)
         w, r = ranked[0], ranked[1] if len(ranked) > 1 else None
-        qa, bpb = w.metric("grounded_qa"), w.metric("val_bpb")
         if r is None:
-            why = f"{w.id} is the only candidate (grounded_qa {_fmt(qa)}, val_bpb {_fmt(bpb)})"
-        elif qa is not None and qa != r.metric("grounded_qa"):
-            why = f"{w.id} has the highest grounded_qa {_fmt(qa)} (next: {r.id} with {_fmt(r.metric('grounded_qa'))})"
-        elif bpb is not None and bpb != r.metric("val_bpb"):
-            tie = "no version has grounded_qa" if qa is None else f"grounded_qa tie at {_fmt(qa)}"
-            why = f"{tie}; {w.id} has the lowest val_bpb {_fmt(bpb)} (next: {r.id} with {_fmt(r.metric('val_bpb'))})"
-        else:
-            why = f"{w.id} and {r.id} tie on grounded_qa and val_bpb; the older version {w.id} is kept"
-        return w.id, why + note
+            return w.id, f"{w.id} is the only candidate ({_figures(w)})" + note
+        for m in RANKED:
+            if w.metric(m) is not None and w.metric(m) != r.metric(m):
+                best = "lowest" if m == "val_bpb" else "highest"
+                ties = [f"{t} tie at {_fmt(w.metric(t))}" if w.metric(t) is not None else f"no version has {t}"
+                        for t in RANKED[:RANKED.index(m)]]  # w lacks one only when every candidate does
+                lead = "; ".join(ties) + ("; " if ties else "")
+                return w.id, f"{lead}{w.id} has the {best} {m} {_fmt(w.metric(m))} (next: {r.id} with " \
+                             f"{_fmt(r.metric(m))})" + note
+        return w.id, f"{w.id} and {r.id} tie on {', '.join(RANKED)}; the older version {w.id} is kept" + note
 
     def remove(self, ref: str, force: bool = False) -> Version:
         """Delete a version (the champion only with `force`); its number is never reused, children keep it as

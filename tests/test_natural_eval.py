@@ -290,3 +290,24 @@ def test_eval_held_out_and_natural_together(tiny_base, tiny_workspace, tiny_inde
     assert "| metric | torch | held-out (templates) |" in r.output
     row = next(line for line in r.output.splitlines() if line.startswith("| correct |"))
     assert row.endswith(f"| {report['grounded_qa']:.3f} |")
+
+
+def test_whole_set_figures_of_a_registry_version_are_recorded(tiny_base, tiny_workspace, tiny_index, tmp_path):
+    from source.registry import Registry
+
+    questions = _fixture_items(tmp_path / "natural.jsonl")
+    root = tmp_path / "models"
+    registry = Registry(root)
+    registry.add(tiny_base, tiny_workspace["tokenizer"])
+    common = ["eval", "--questions", str(questions), "--via", "torch", "--model", "v1", "--root", str(root),
+              "--index", str(tiny_index), "--max-new-tokens", "8", "--quiet"]
+    r = CliRunner().invoke(builder_main, [*common, "--sample", "3", "--out", str(tmp_path / "sample.json")])
+    assert r.exit_code == 0, r.output
+    assert not any(k.startswith("natural_") for k in registry.get("v1").metrics)  # a sample ranks nothing
+    r = CliRunner().invoke(builder_main, [*common, "--out", str(tmp_path / "all.json")])
+    assert r.exit_code == 0, r.output
+    overall = json.loads((tmp_path / "all.json").read_text())["natural"]["paths"]["torch"]["metrics"]["overall"]
+    metrics = registry.get("v1").metrics
+    assert metrics["natural_torch_correct"] == overall["correct"]
+    assert metrics["natural_torch_refusal_on_no_answer"] == overall["refusal_on_no_answer"]
+    assert "natural figures recorded for v1" in r.output

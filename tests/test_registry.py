@@ -105,32 +105,42 @@ def test_lineage_follows_parents_and_outlives_a_removed_parent(tmp_path, ckpts, 
     assert Registry(tmp_path / "models").get("v3").parent == "v2"  # still loads: lineage is history
 
 
-def test_champion_rule_grounded_qa_first_then_bpb_and_explicit_promote(tmp_path, ckpts, tok_dir):
+def test_champion_rule_natural_site_first_then_grounded_qa_then_bpb_and_explicit_promote(tmp_path, ckpts, tok_dir):
     reg = Registry(tmp_path / "models")
     for ck in (*ckpts, ckpts[0]):
         reg.add(ck, tok_dir)
-    assert reg.pick_champion() == (None, "no version has grounded_qa or val_bpb; nothing to pick "
-                                         "(v1, v2, v3, v4: no grounded_qa or val_bpb, not considered)")
+    assert reg.pick_champion() == (None, "no version has natural_site_correct, grounded_qa, val_bpb; nothing to "
+                                         "pick (v1, v2, v3, v4: none of natural_site_correct, grounded_qa, val_bpb, "
+                                         "not considered)")
 
     reg.set_metrics("v1", {"val_bpb": 1.5})
     reg.set_metrics("v2", {"val_bpb": 2.0})
     vid, reason = reg.pick_champion()
-    assert vid == "v1" and "no version has grounded_qa" in reason and "lowest val_bpb 1.5" in reason
-    assert "next: v2 with 2" in reason and "v3, v4: no grounded_qa or val_bpb, not considered" in reason
+    assert vid == "v1" and reason.startswith("no version has natural_site_correct; no version has grounded_qa; "
+                                             "v1 has the lowest val_bpb 1.5 (next: v2 with 2)")
+    assert "v3, v4: none of natural_site_correct, grounded_qa, val_bpb, not considered" in reason
 
     reg.set_metrics("v2", {"grounded_qa": 0.5})  # merged: v2 keeps its val_bpb
     reg.set_metrics("v3", {"grounded_qa": 0.5, "val_bpb": 1.8})
     assert reg.get("v2").metrics == {"val_bpb": 2.0, "grounded_qa": 0.5}
     vid, reason = reg.pick_champion()  # grounded_qa beats v1's better bpb; the tie goes to v3's lower bpb
-    assert vid == "v3" and reason.startswith("grounded_qa tie at 0.5; v3 has the lowest val_bpb 1.8")
+    assert vid == "v3" and "grounded_qa tie at 0.5; v3 has the lowest val_bpb 1.8" in reason
 
     reg.set_metrics("v2", {"grounded_qa": 0.61})
     vid, reason = reg.pick_champion()
-    assert vid == "v2" and reason.startswith("v2 has the highest grounded_qa 0.61 (next: v3 with 0.5)")
+    assert vid == "v2" and "v2 has the highest grounded_qa 0.61 (next: v3 with 0.5)" in reason
 
     reg.set_metrics("v4", {"grounded_qa": 0.61, "val_bpb": 2.0})  # a full tie keeps the older version
     vid, reason = reg.pick_champion()
     assert vid == "v2" and "the older version v2 is kept" in reason
+
+    # what visitors get ranks first: the hand-written questions through the site beat the template score
+    reg.set_metrics("v3", {"natural_site_correct": 0.15})
+    vid, reason = reg.pick_champion()
+    assert vid == "v3" and reason.startswith("v3 has the highest natural_site_correct 0.15 (next: v2 with ")
+    reg.set_metrics("v1", {"natural_site_correct": 0.15, "grounded_qa": 0.7})
+    vid, reason = reg.pick_champion()
+    assert vid == "v1" and reason.startswith("natural_site_correct tie at 0.15; v1 has the highest grounded_qa 0.7")
     assert reg.champion() is None  # picking applies nothing
 
     assert reg.promote("v1").id == "v1"  # explicit beats the rule until the rule is applied
@@ -138,10 +148,10 @@ def test_champion_rule_grounded_qa_first_then_bpb_and_explicit_promote(tmp_path,
     data = json.loads(reg.path.read_text())
     assert data["champion"] == "v1" and data["champion_rule"] == CHAMPION_RULE
     assert data["champion_reason"] == "promoted by hand"
-    assert "grounded_qa" in CHAMPION_RULE and "val_bpb" in CHAMPION_RULE
+    assert all(m in CHAMPION_RULE for m in ("natural_site_correct", "grounded_qa", "val_bpb"))
     # set_metrics keeps the version's own model_info.json in step with the registry
-    info = json.loads((tmp_path / "models" / "versions" / "v2" / "model_info.json").read_text())
-    assert info["metrics"] == {"grounded_qa": 0.61, "val_bpb": 2.0}
+    info = json.loads((tmp_path / "models" / "versions" / "v1" / "model_info.json").read_text())
+    assert info["metrics"] == {"val_bpb": 1.5, "natural_site_correct": 0.15, "grounded_qa": 0.7}
 
 
 def test_diff_reports_config_metric_training_and_file_changes(tmp_path, ckpts, tok_dir):
