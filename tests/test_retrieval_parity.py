@@ -41,7 +41,7 @@ def index(tiny_workspace, tmp_path_factory) -> Path:
         {"name": "docs", "reader": "user", "path": "docs", "license": "CC0-1.0"}]}))
     build_corpus(root / "recipe.json", root / "corpus", limit_per_source=4000, val_fraction=0.05, progress=False)
     meta = build_index(root / "corpus", root / "index", progress=False)
-    assert meta["anchored"] > 100 and meta["freq_scale"] == 2  # half-weight anchor words are in the postings
+    assert meta["anchored"] > 20 and meta["freq_scale"] == 2  # half-weight anchor words are in the postings
     return root / "index"
 
 
