@@ -1,7 +1,8 @@
 // The JavaScript port of source/retrieval.py's query side (read that file's docstring): BM25F over the
-// static index folder source/retrieval_build.py writes, plus the name bonus. Every function mirrors
-// one there, step for step, and the arithmetic runs in the same order, so the same query gives the
-// same passages, order and scores (tests/test_retrieval_parity.py). Works in a page, a worker and node.
+// static index folder source/retrieval_build.py writes, times the coverage factor, plus the name bonus.
+// Every function mirrors one there, step for step, and the arithmetic runs in the same order, so the
+// same query gives the same passages, order and scores (tests/test_retrieval_parity.py). Works in a
+// page, a worker and node.
 
 const WORD = /[\p{L}\p{N}]+/gu;           // Python's [^\W_]+
 const IDENT = /[\p{L}\p{N}_]+(?:\.[\p{L}\p{N}_]+)+|[\p{L}\p{N}_]*_[\p{L}\p{N}_]*/gu;  // json.dumps, skip_keys
