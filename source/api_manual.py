@@ -17,6 +17,11 @@ Design choices:
 - A page documents "class pathlib.Path" and then "Path.glob(pattern)": a member named by the short
   class name is filed under the class's full name.
 - The first entry found for a name wins, library reference pages before the rest of the manual.
+- Anchors: the headings of the manual's sections whose text mentions an API ("How do I delete a
+  file? (And other file questions...)" mentions shutil.rmtree; "File Wildcards" mentions glob.glob)
+  are also filed under its docstring, the way a web page is found by the words of the links to it.
+  A mention is the name's last two parts as the text spells them ("os.path.join" -> "path.join",
+  "str.join", "Path.iterdir"), matched within every dotted chain of the text.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+_CHAIN = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+")  # os.path.join, str.join, Path.iterdir
 _ENTRY = re.compile(r"( *)(?:(class|exception) ([A-Za-z_][\w.]*)(?:\(.*\))?|([A-Za-z_][\w.]*)\(.*\))\s*")
 # where the stdlib defines a name -> how the manual spells it
 ALIASES = (("builtins.", ""), ("posixpath.", "os.path."), ("ntpath.", "os.path."), ("genericpath.", "os.path."),
@@ -98,3 +104,28 @@ def manual_names(qualname: str) -> list[str]:
 def manual_entry(qualname: str, entries: dict[str, str]) -> str:
     """The manual's entry for a docstring record, or ""."""
     return next((entries[n] for n in manual_names(qualname) if n in entries), "")
+
+
+def mention_key(name: str) -> str:
+    """The last two parts of a dotted name ("os.path.join" -> "path.join"); "" for one part."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if len(parts) > 1 else ""
+
+
+def anchor_table(records: Iterable[dict]) -> dict[str, list[str]]:
+    """mention key -> the titles (section headings) of the manual's records whose text mentions it,
+    each once, in record order."""
+    out: dict[str, dict[str, None]] = {}
+    for r in records:
+        if r["source"] not in MANUAL_SOURCES:
+            continue
+        for chain in dict.fromkeys(_CHAIN.findall(r["text"])):
+            parts = chain.split(".")
+            for a, b in zip(parts, parts[1:]):
+                out.setdefault(f"{a}.{b}", {})[r["title"]] = None
+    return {k: list(v) for k, v in out.items()}
+
+
+def manual_anchors(qualname: str, anchors: dict[str, list[str]]) -> list[str]:
+    """The headings of the manual sections that mention a docstring record's API, or []."""
+    return next((anchors[k] for k in map(mention_key, manual_names(qualname)) if k in anchors), [])

@@ -7,7 +7,10 @@ The query of a conversation is `source.prompt.retrieval_query` (a follow-up carr
 
 Design choices:
 - BM25F over two fields: a word in the title counts TITLE_WEIGHT times one in the text (k1 1.2,
-  b 0.75, length = all words, idf floored at 1e-6): SQLite FTS5's bm25() formula.
+  b 0.5, length = all words, idf floored at 1e-6): SQLite FTS5's bm25() formula, then times the
+  square root of the share of the query's idf the passage matches (coverage). Without it one rare
+  word can carry a passage that misses the rest of the question ("folder" in a mailbox method
+  outranking "delete ... directory tree"); sqrt is exact in both languages, a general power is not.
 - Words are Unicode letters and digits, lower-cased, diacritics removed ("Naïve" -> "naive");
   "json.dumps" is the words "json" "dumps". Stop words are dropped unless nothing else is left.
 - Stems come from the index ("w" in the term shards): the build stemmed every corpus word, so
@@ -34,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "supermix-bm25-v2"
+FORMAT = "supermix-bm25-v3"
 K1, B = 1.2, 0.5  # b below BM25's usual 0.75: see source/retrieval_build.py on borrowed words
 TITLE_WEIGHT, TEXT_WEIGHT = 5.0, 1.0
+ANCHOR_WEIGHT = 0.5  # a word of the heading of a manual section that mentions a docstring's API
+FREQ_SCALE = 2  # stored frequencies are weight x this (integers); readers divide it back out
 PASSAGES_PER_SHARD = 500
 DEFAULT_EXCLUDED = ("chitchat",)  # casual chat is training text, not something to cite
 MAX_QUERY_TERMS = 32  # a pasted page should not turn into a 500-term query
@@ -172,20 +177,24 @@ class Index:
             return 0.0, np.zeros(0, np.int64), np.zeros(0, np.int64)
         df, offset, size, idf = head["t"][stem]
         pairs = _varints(data[base + offset:base + offset + size])
-        return idf, np.cumsum(pairs[0::2]), pairs[1::2]
+        return idf, np.cumsum(pairs[0::2]), pairs[1::2] / self.meta["freq_scale"]
 
-    def scores(self, query: str) -> tuple[np.ndarray, np.ndarray]:
-        """(docs, BM25 scores) of every doc matching a query stem, docs ascending."""
+    def scores(self, query: str, coverage: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(docs, scores) of every doc matching a query stem, docs ascending: BM25F times the square
+        root of the share of the query's idf the doc matches (plain BM25F with coverage=False, for
+        benchmarks/retrieval.py)."""
         k1, b, avgdl = self.meta["k1"], self.meta["b"], self.meta["avgdl"]
         total = np.zeros(len(self))
-        hit = np.zeros(len(self), bool)
+        covered = np.zeros(len(self))
+        query_idf = 0.0
         for stem in dict.fromkeys(self.stem(w) for w in self._content_words(query)):
             idf, docs, f = self.postings(stem)
             norm = k1 * (1 - b + b * self.lengths[docs] / avgdl)
             total[docs] += idf * (f * (k1 + 1)) / (f + norm)
-            hit[docs] = True
-        docs = np.flatnonzero(hit)
-        return docs, total[docs]
+            covered[docs] += idf
+            query_idf += idf
+        docs = np.flatnonzero(covered)
+        return docs, total[docs] * np.sqrt(covered[docs] / query_idf) if coverage else total[docs]
 
     def name_keys(self, query: str) -> list[tuple[str, list[str]]]:
         """(key, content stems) for every name the query may spell: its identifiers as written

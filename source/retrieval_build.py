@@ -9,7 +9,8 @@ Design choices:
     meta.json        counts, BM25 constants, field weights, stop words, source names, shard counts
     docs.bin         Uint16 length[N], Uint16 chunk[N], Uint8 source[N]
     terms/NNN.bin    Uint32 header length, JSON header {"t": {stem: [df, offset, bytes, idf]},
-                     "w": {word: stem}}, then per stem df pairs of varints (doc delta, weighted frequency)
+                     "w": {word: stem}}, then per stem df pairs of varints (doc delta, weighted
+                     frequency x meta's freq_scale: integers although an anchor word weighs 0.5)
     keys/NNN.json    {name key: [ln(records with that name), [first doc of each record, ...]]}
     text/NNN.json    [[id, title, source no, origin no, text], ...] for docs NNN*P .. NNN*P+P-1
   A stem, word or name key lives in shard fnv1a32(utf8) % shards, so a query touches one small file
@@ -29,6 +30,9 @@ Design choices:
   BORROWED_LENGTH of them towards the passage length, so a long manual entry does not bury the
   docstring's own words; b is 0.5 rather than BM25's usual 0.75 for the same reason. The shown text
   does not change.
+- Anchors: the headings of the manual sections whose text mentions the API ("How do I delete a
+  file?" mentions shutil.rmtree) are filed under the same passage at ANCHOR_WEIGHT (half a text word)
+  and count nothing towards its length, the way a web page is found by the words of links to it.
 - idf and ln(records per name) are computed here and stored, so both readers repeat only +, *, / in the same order and get
   bit-identical scores.
 - The folder is written beside the target and swapped in: a failed build leaves the old index.
@@ -49,11 +53,11 @@ from pathlib import Path
 import snowballstemmer
 from tqdm import tqdm
 
-from source.api_manual import manual_entries, manual_entry
+from source.api_manual import anchor_table, manual_anchors, manual_entries, manual_entry
 from source.corpus.build import iter_records
 from source.files import sha256_file
-from source.retrieval import (B, DEFAULT_EXCLUDED, FORMAT, K1, KEY_ALIASES, MAX_QUERY_TERMS, PASSAGES_PER_SHARD,
-                              STOP_WORDS, TEXT_WEIGHT, TITLE_WEIGHT, ARTICLES, MAX_NAME_QUERY_WORDS, MAX_NAME_WORDS,
+from source.retrieval import (B, DEFAULT_EXCLUDED, FORMAT, FREQ_SCALE, K1, KEY_ALIASES, MAX_QUERY_TERMS,
+                              PASSAGES_PER_SHARD, STOP_WORDS, ANCHOR_WEIGHT, TEXT_WEIGHT, TITLE_WEIGHT, ARTICLES, MAX_NAME_QUERY_WORDS, MAX_NAME_WORDS,
                               NAME_BONUS, _IDENT, aliased_words, shard_of, words)
 
 TERM_SHARD_BYTES = 96 * 1024  # target size of one terms/NNN.bin
@@ -131,18 +135,6 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
             seen.add(r["id"])
             if not ((r["source"] in DEFAULT_EXCLUDED) if sources is None else (r["source"] not in sources)):
                 records.append(r)
-    manual = manual_entries(records)
-    rows = []
-    for r in records:
-        names = record_names(r["title"], r["text"])
-        borrowed = manual_entry(r["title"], manual) if r["source"] == "docstrings" else ""
-        for n, piece in enumerate(chunk_text(r["text"], max_chars)):
-            rows.append((f"{r['id']}#{n}", r["title"], r["source"], r["origin"], piece, n, names, borrowed if n == 0 else ""))
-    del records
-    if not rows:
-        wanted = ", ".join(sources) if sources is not None else "all but " + ", ".join(DEFAULT_EXCLUDED)
-        raise ValueError(f"nothing to index in {data} (sources: {wanted})")
-
     stemmer = snowballstemmer.stemmer("english")
     stems: dict[str, str] = {}
 
@@ -152,19 +144,38 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
             stems.update(zip(missing, stemmer.stemWords(missing)))
         return [stems[w] for w in ws]
 
+    manual = manual_entries(records)
+    anchors = anchor_table(records)
+    rows = []
+    for r in records:
+        names = record_names(r["title"], r["text"])
+        anchor_text = "\n".join(manual_anchors(r["title"], anchors)) if r["source"] == "docstrings" else ""
+        borrowed = manual_entry(r["title"], manual) if r["source"] == "docstrings" else ""
+        for n, piece in enumerate(chunk_text(r["text"], max_chars)):
+            rows.append((f"{r['id']}#{n}", r["title"], r["source"], r["origin"], piece, n, names,
+                         borrowed if n == 0 else "", anchor_text if n == 0 else ""))
+    del records
+    if not rows:
+        wanted = ", ".join(sources) if sources is not None else "all but " + ", ".join(DEFAULT_EXCLUDED)
+        raise ValueError(f"nothing to index in {data} (sources: {wanted})")
+
     n = len(rows)
     lengths, postings, keys = [], {}, {}  # postings: stem -> [doc, f, doc, f, ...]
-    for doc, (_, title, _, _, text, chunk, names, borrowed) in enumerate(
+    for doc, (_, title, _, _, text, chunk, names, borrowed, anchor_text) in enumerate(
             tqdm(rows, desc="index", unit="psg", disable=not progress, leave=False)):
         title_stems = stem_all([w for name in (title, *names) for w in words(name)])
         text_stems = stem_all(words(text))
         borrowed_stems = stem_all(words(borrowed))
+        anchor_stems = stem_all(words(anchor_text))
         lengths.append(len(title_stems) + len(text_stems) + round(BORROWED_LENGTH * len(borrowed_stems)))
+        # frequencies are stored times FREQ_SCALE so a weight below a text word's stays an integer
         f: dict[str, int] = {}
         for t in title_stems:
-            f[t] = f.get(t, 0) + int(TITLE_WEIGHT)
+            f[t] = f.get(t, 0) + round(TITLE_WEIGHT * FREQ_SCALE)
         for t in (*text_stems, *borrowed_stems):
-            f[t] = f.get(t, 0) + int(TEXT_WEIGHT)
+            f[t] = f.get(t, 0) + round(TEXT_WEIGHT * FREQ_SCALE)
+        for t in anchor_stems:
+            f[t] = f.get(t, 0) + round(ANCHOR_WEIGHT * FREQ_SCALE)
         for t, v in f.items():
             postings.setdefault(t, []).extend((doc, v))
         if chunk == 0:
@@ -232,7 +243,8 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
         _write(tmp / "docs.bin", docs)
         sizes["docs"] = len(docs)
         meta = {"format": FORMAT, "docs": n, "records": len({r[0].rsplit("#", 1)[0] for r in rows}), "avgdl": avgdl,
-                "k1": K1, "b": B, "title_weight": TITLE_WEIGHT, "text_weight": TEXT_WEIGHT, "stems": len(encoded),
+                "k1": K1, "b": B, "title_weight": TITLE_WEIGHT, "text_weight": TEXT_WEIGHT,
+                "anchor_weight": ANCHOR_WEIGHT, "freq_scale": FREQ_SCALE, "anchored": sum(bool(r[8]) for r in rows), "stems": len(encoded),
                 "term_shards": shards, "key_shards": key_shards, "passages_per_shard": passages_per_shard, "text_shards": text_shards,
                 "sources": source_names, "origins": origin_names, "counts": counts,
                 "stop_words": sorted(STOP_WORDS), "max_query_terms": MAX_QUERY_TERMS,

@@ -213,6 +213,22 @@ def test_names_spelled_by_the_query_win_over_notes_that_repeat_its_words(tmp_pat
     assert "=json dumps" in keys and "json dump" in keys  # the identifier as written, its words stemmed
 
 
+def test_a_passage_that_covers_more_of_the_question_beats_one_rare_word(tmp_path):
+    """Scores are BM25F times sqrt(share of the query's idf matched): a note repeating the one rare
+    word of the question ("quokka") no longer beats the note that answers the rest of it, although
+    plain BM25F ranks it first (the commoner words each occur in 30 other notes)."""
+    notes = [{"title": "Marsupial notes", "text": "Quokka, quokka: the quokka quokka."},
+             {"title": "Tidying", "text": "To remove a burrow with everything inside it, dig it out recursively."}]
+    notes += [{"title": f"Filler {i}", "text": f"Note {i}: {w} it."}
+              for i in range(30) for w in ("remove", "burrow", "recursively")]
+    ix = pydoc_topics_and_notes_index(tmp_path, notes)
+    query = "quokka: remove a burrow recursively"
+    assert [p.id for p in ix.search(query, 2)] == ["user:notes.jsonl:2#0", "user:notes.jsonl:1#0"]
+    docs, scores = ix.scores(query, coverage=False)
+    bm25 = dict(zip([ix.passage(d).id for d in docs.tolist()], scores.tolist()))
+    assert bm25["user:notes.jsonl:1#0"] > bm25["user:notes.jsonl:2#0"]  # plain BM25F: the quokka note
+
+
 def test_query_words_and_stop_words():
     assert words("Naïve CAFÉ json.dumps() skip_keys") == ["naive", "cafe", "json", "dumps", "skip", "keys"]
     assert content_words("What is the for statement?") == ["statement"]
@@ -343,3 +359,39 @@ def test_docstrings_are_found_by_the_manuals_wording(tmp_path):
     hits = ix.search("join path segments intelligently", 3)
     found = [p for p in hits if p.id == "docstring:posixpath.join#0"]
     assert found and docstring.startswith(found[0].text), [p.id for p in hits]  # shown text: the docstring's own
+
+
+def test_docstrings_are_found_by_the_headings_of_manual_sections_that_mention_them(tmp_path):
+    """A manual section's heading is filed under the docstring of every API its text mentions (by
+    the name's last two parts, as the manual spells it), at half a text word's weight: a question in
+    the heading's words finds the docstring, whose shown text does not change."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from source.api_manual import anchor_table, manual_anchors, mention_key
+
+    rows = [("docstring:zz.gadget.frobnicate", "docstrings", "zz.gadget.frobnicate",
+             "zz.gadget.frobnicate(level)\n\nFrobnicate the gadget at the given level.", ""),
+            ("docstring:zz.gadget.defrost", "docstrings", "zz.gadget.defrost", "zz.gadget.defrost()\n\nDefrost it.", ""),
+            ("python-docs:howto#polishing", "python-docs", "Polishing brass doorknobs",
+             "Call `gadget.frobnicate(3)` once a week; see also zz.gadget for the rest.", "howto.rst.txt"),
+            ("python-docs:howto#other", "python-docs", "Doorknob sizes", "Sizes vary.", "howto.rst.txt")]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({k: [r[i] for r in rows] for i, k in enumerate(("id", "source", "title", "text", "origin"))}
+                            | {"license": ["PSF-2.0"] * len(rows)}), corpus / "train-00000.parquet")
+    (corpus / "manifest.json").write_text("{}")
+    records = [dict(zip(("id", "source", "title", "text", "origin"), r)) for r in rows]
+    assert mention_key("posixpath.join") == "posixpath.join" and mention_key("json") == ""
+    anchors = anchor_table(records)
+    assert anchors["gadget.frobnicate"] == ["Polishing brass doorknobs"] and "zz.gadget" in anchors
+    assert manual_anchors("zz.gadget.frobnicate", anchors) == ["Polishing brass doorknobs"]
+    assert manual_anchors("zz.gadget.defrost", anchors) == []
+
+    meta = build_index(corpus, tmp_path / "ix", progress=False)
+    assert meta["anchored"] == 1
+    ix = Index(tmp_path / "ix")
+    hits = ix.search("polishing brass", 3)
+    assert [p.id for p in hits] == ["python-docs:howto#polishing#0", "docstring:zz.gadget.frobnicate#0"]
+    assert hits[1].text == rows[0][3]  # shown text: the docstring's own
+    assert ix.postings("polish")[2].tolist() == [0.5, 5.0]  # half a word in the docstring; a title word of the section

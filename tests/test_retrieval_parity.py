@@ -1,6 +1,8 @@
 """web_static/retrieval.js is the exact port of source/retrieval.py's search: same docs, same order,
 same scores (bit for bit, unrounded) on every hand-written natural question, their follow-up queries
-and hostile strings, over a real index (pydoc topics + WordNet + a user file), in node."""
+and hostile strings, over a real index (pydoc topics + WordNet + stdlib docstrings + a user file), in
+node. The docstrings carry the headings of the pydoc topics that mention them at half a text word's
+weight, so fractional frequencies and the coverage factor are part of what is compared."""
 
 from __future__ import annotations
 
@@ -35,9 +37,11 @@ def index(tiny_workspace, tmp_path_factory) -> Path:
         {"title": "constructor", "text": "constructor (also: ctor)\n\nA function that creates an object."}]))
     (root / "recipe.json").write_text(json.dumps({"name": "parity", "sources": [
         {"name": "pydoc-topics", "license": "PSF-2.0"}, {"name": "wordnet", "license": "WordNet-3.0"},
+        {"name": "docstrings", "license": "PSF-2.0"},
         {"name": "docs", "reader": "user", "path": "docs", "license": "CC0-1.0"}]}))
     build_corpus(root / "recipe.json", root / "corpus", limit_per_source=4000, val_fraction=0.05, progress=False)
-    build_index(root / "corpus", root / "index", progress=False)
+    meta = build_index(root / "corpus", root / "index", progress=False)
+    assert meta["anchored"] > 20 and meta["freq_scale"] == 2  # half-weight anchor words are in the postings
     return root / "index"
 
 

@@ -1,12 +1,13 @@
 // The JavaScript port of source/retrieval.py's query side (read that file's docstring): BM25F over the
-// static index folder source/retrieval_build.py writes, plus the name bonus. Every function mirrors
-// one there, step for step, and the arithmetic runs in the same order, so the same query gives the
-// same passages, order and scores (tests/test_retrieval_parity.py). Works in a page, a worker and node.
+// static index folder source/retrieval_build.py writes, times the coverage factor, plus the name bonus.
+// Every function mirrors one there, step for step, and the arithmetic runs in the same order, so the
+// same query gives the same passages, order and scores (tests/test_retrieval_parity.py). Works in a
+// page, a worker and node.
 
 const WORD = /[\p{L}\p{N}]+/gu;           // Python's [^\W_]+
 const IDENT = /[\p{L}\p{N}_]+(?:\.[\p{L}\p{N}_]+)+|[\p{L}\p{N}_]*_[\p{L}\p{N}_]*/gu;  // json.dumps, skip_keys
 const MARKS = /\p{M}/gu;
-const FORMAT = "supermix-bm25-v2";
+const FORMAT = "supermix-bm25-v3";
 
 /** Lower-case words with diacritics removed (source.retrieval.words). */
 export function words(text) {
@@ -101,23 +102,28 @@ export class Index {
     };
     for (let i = 0; i < df; i++) {
       doc += varint();
-      out.push([doc, varint()]);
+      out.push([doc, varint() / this.meta.freq_scale]);  // frequencies are stored times freq_scale
     }
     return [idf, out];
   }
 
-  /** source.retrieval.Index.scores: Map doc -> BM25F score, arithmetic in the Python order. */
+  /** source.retrieval.Index.scores: Map doc -> BM25F x sqrt(share of the query's idf matched),
+   *  arithmetic in the Python order. */
   async scores(query) {
     const { k1, b, avgdl } = this.meta;
-    const out = new Map();
+    const out = new Map(), covered = new Map();
     const stems = unique(await Promise.all(this.contentWords(query).map((w) => this.stem(w))));
     const lists = await Promise.all(stems.map((t) => this.postings(t)));  // fetch shards in parallel
+    let queryIdf = 0;
     for (const [idf, plist] of lists) {
       for (const [doc, f] of plist) {
         const norm = k1 * (1 - b + b * this.lengths[doc] / avgdl);
         out.set(doc, (out.get(doc) ?? 0) + idf * (f * (k1 + 1)) / (f + norm));
+        covered.set(doc, (covered.get(doc) ?? 0) + idf);
       }
+      queryIdf += idf;
     }
+    for (const [doc, s] of out) out.set(doc, s * Math.sqrt(covered.get(doc) / queryIdf));
     return out;
   }
 
