@@ -157,15 +157,14 @@ def _value(v: Any) -> str:
 
 
 def piece_args(p: Piece, r: Release, resume: bool) -> list[str]:
-    """The `builder` command line of a piece."""
-    args = [p.stage, "--out", str(r.runs / p.name), "--tokenizer", str(r.tokenizer)]
-    if p.base:
-        args += ["--base", str(r.runs / p.base / "model.pth")]
-    if p.preset:
-        args += ["--preset", p.preset]
-    if p.data:
-        args += ["--data", str(DATA if p.data == "corpus" else r.sft_data)]
-    for key, v in p.options.items():
+    """The `builder` command line of a piece. Its `options` come last and win: `{"tokenizer": null}` drops the
+    --tokenizer every piece gets, for a verb without one."""
+    named: dict[str, Any] = {
+        "out": r.runs / p.name, "tokenizer": r.tokenizer, "base": r.runs / p.base / "model.pth" if p.base else None,
+        "preset": p.preset, "data": {"corpus": DATA, "sft-data": r.sft_data}.get(p.data or "")}
+    named.update(p.options)
+    args = [p.stage]
+    for key, v in named.items():
         args += [f"--{key}"] if v is True else [] if v is False or v is None else [f"--{key}", _value(v)]
     args += ["--set", f"max_steps={p.steps}", *(a for k, v in p.set.items() for a in ("--set", f"{k}={_value(v)}"))]
     return args + (["--resume"] if resume else [])

@@ -68,7 +68,6 @@ def test_retrain_replays_a_recipe_piece_by_piece_resumes_skips_and_records_linea
                         "--set", "precision=fp32")
     assert code == 0, out
     code, out = _invoke(*retrain)
-    print(out)
     assert code == 0, out
     assert "base-tiny    pretrain its checkpoint is at step 5 of 10: resuming with --resume" in out, out
     assert "sft-a        sft     no checkpoint yet: starting from base-tiny" in out
@@ -151,3 +150,21 @@ def test_versions_without_lineage_stay_valid_and_the_card_says_what_is_not_recor
     (tmp_path / "registry.json").write_text(json.dumps(data))
     with pytest.raises(RegistryError, match=r"\(v9\): field 'lineage' \[1\] must be an object"):
         Registry(tmp_path).load()
+
+
+def test_a_piece_is_a_command_line_whatever_its_stage(tmp_path):
+    """A preference piece needs no runner code: the same mapping gives `builder dpo --base PREV/model.pth ...`."""
+    from builder.recipe import piece_args
+    from builder.release import PROFILES, Release
+
+    raw = _recipe()
+    raw["pieces"].append({"name": "dpo-a", "stage": "dpo", "base": "sft-b", "preset": "tiny", "data": "sft-data",
+                          "steps": 5, "set": {"lr": 1e-5, "seed": 11}, "options": {"mine": 200, "tokenizer": None}})
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(raw))
+    piece = load_recipe(path).pieces[-1]
+    r = Release(PROFILES["quick"], lambda args: None, log=lambda _: None)
+    assert piece_args(piece, r, resume=True) == [
+        "dpo", "--out", "dist/quick/runs/dpo-a", "--base", "dist/quick/runs/sft-b/model.pth", "--preset", "tiny",
+        "--data", "dist/quick/sft", "--mine", "200", "--set", "max_steps=5", "--set", "lr=1e-05", "--set", "seed=11",
+        "--resume"]
