@@ -113,7 +113,8 @@ def info(ctx: click.Context, version: str, as_json: bool) -> None:
         lineage, report = reg.lineage(v.id), reg.verify(v.id)
     bad = {p: why for p, why in report.items() if why != "ok"}
     if as_json:
-        click.echo(json.dumps({**v.to_dict(), "champion": v.id == champion, "lineage": lineage, "verify": report},
+        # "lineage" is the entry's own list of training pieces; the chain of registered versions is "ancestors"
+        click.echo(json.dumps({**v.to_dict(), "champion": v.id == champion, "ancestors": lineage, "verify": report},
                               indent=2))
     else:
         click.echo(f"{v.id}  {v.kind}" + ("  (champion)" if v.id == champion else ""))
@@ -122,6 +123,10 @@ def info(ctx: click.Context, version: str, as_json: bool) -> None:
                 ("notes", v.notes or "-")]
         for key, val in rows:
             click.echo(f"  {key + ':':18} {val}")
+        click.echo("training pieces:" + ("" if v.lineage else " not recorded"))
+        for piece in v.lineage:
+            click.echo("  " + ", ".join(f"{k} {piece.get(k)}" for k in ("name", "stage", "parent", "steps", "seed", "lr",
+                                                                          "wall_seconds", "data_sha256")))
         for title, d in (("config", v.config), ("training", v.training), ("metrics", v.metrics)):
             click.echo(f"{title}:" + ("" if d else " -"))
             for key, val in d.items():

@@ -84,6 +84,9 @@ def test_retrain_replays_a_recipe_piece_by_piece_resumes_skips_and_records_linea
     assert [p["data_sha256"] for p in v.lineage[1:]] == [sft_data_sha] * 2
     assert v.lineage[0]["data_sha256"] and all(p["wall_seconds"] > 0 and p["source"] == "run" for p in v.lineage)
     assert "grounded_qa" in v.metrics  # evaluated
+    code, out = _invoke("models", "--root", "dist/quick/models", "info", "v1", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["lineage"] == v.lineage and info["ancestors"] == ["v1"]
 
     # again: every piece is finished, the model already registered
     mtimes = {p: (RUNS / p / "model.pth").stat().st_mtime_ns for p in ("base-tiny", "sft-a", "sft-b")}
