@@ -170,35 +170,54 @@ def piece_args(p: Piece, r: Release, resume: bool) -> list[str]:
     return args + (["--resume"] if resume else [])
 
 
-def _differences(p: Piece, r: Release, run: dict) -> list[str]:
-    """How an existing run folder differs from what the piece asks for (settings, base, tokenizer)."""
+def _differences(p: Piece, r: Release, run: dict, ckpt: dict) -> list[str]:
+    """How an existing run folder differs from what the piece asks for (settings, tokenizer, base). A
+    checkpoint without its run.json (one copied in from the registry) is checked for its tokenizer alone."""
     train = {**(run.get("model") or {}), **(run.get("train") or {})}
     # precision: a CPU without fast bf16 trains in fp32 whatever was asked (run.json records the choice)
     out = [f"{k}={train.get(k)!r} (recipe: {v!r})" for k, v in p.set.items()
            if k != "precision" and k in train and train[k] != v]
     tok = r.tokenizer / "tokenizer.model"
-    if tok.is_file() and run.get("tokenizer_sha256") not in (None, sha256_file(tok)):
-        out.append(f"tokenizer {str(run['tokenizer_sha256'])[:12]} (now {sha256_file(tok)[:12]})")
+    if tok.is_file() and ckpt.get("tokenizer") not in (None, sha256_file(tok)):
+        out.append(f"tokenizer {str(ckpt['tokenizer'])[:12]} (now {sha256_file(tok)[:12]})")
     base = r.runs / p.base / "model.pth" if p.base else None
     if base and base.is_file() and run.get("parent_sha256") not in (None, sha256_file(base)):
         out.append(f"base {base} changed since this run started from it")
+    if ckpt.get("step", 0) > p.steps:
+        out.append(f"step {ckpt['step']}, past the recipe's {p.steps}")
     return out
 
 
-def run_piece(p: Piece, r: Release, deadline: float | None) -> None:
+def _step(out: Path) -> int | None:
+    from source.checkpoint import read_checkpoint
+
+    return read_checkpoint(out / "model.pth").get("step") if (out / "model.pth").is_file() else None
+
+
+def run_piece(p: Piece, recipe: Recipe, r: Release, deadline: float | None) -> None:
     """Skip, resume or start one piece, saying which and why."""
     from source.checkpoint import read_checkpoint
     from source.train import read_run_info
 
     out = r.runs / p.name
-    step = read_checkpoint(out / "model.pth").get("step") if (out / "model.pth").is_file() else None
-    if step is not None:
-        if diff := _differences(p, r, read_run_info(out)):
-            raise click.ClickException(f"{out} was trained with other inputs than piece {p.name!r} of the recipe: "
-                                       f"{'; '.join(diff)}. Delete {out} to train it again.")
-        if step >= p.steps:
-            r.log(f"recipe: {p.name:<12} skip    step {step} of {p.steps} reached ({out}/model.pth)")
+    # a finished later piece built on this one (e.g. a version's model.pth copied into its run folder) makes
+    # this one unnecessary: appending pieces to a recipe does not replay the whole chain before them
+    later = [q for q in recipe.pieces if q is not p and p in recipe.chain(q.name)]
+    try:
+        if done := next((q for q in later if _step(r.runs / q.name) == q.steps), None):
+            r.log(f"recipe: {p.name:<12} skip    not needed: {done.name}, built on it, is finished")
             return
+        ckpt = read_checkpoint(out / "model.pth") if (out / "model.pth").is_file() else None
+        diff = _differences(p, r, read_run_info(out), ckpt) if ckpt is not None else []
+    except (OSError, ValueError) as exc:  # a damaged checkpoint or run.json: the message names it
+        raise click.ClickException(f"piece {p.name!r}: {exc}") from None
+    step = ckpt.get("step") if ckpt is not None else None
+    if diff:
+        raise click.ClickException(f"{out} was trained with other inputs than piece {p.name!r} of the recipe: "
+                                   f"{'; '.join(diff)}. Delete {out} to train it again.")
+    if step == p.steps:
+        r.log(f"recipe: {p.name:<12} skip    step {step} of {p.steps} reached ({out}/model.pth)")
+        return
     resume = step is not None and (out / "train_state.pt").is_file()
     if deadline is not None and time.monotonic() > deadline:
         raise Paused(f"--max-minutes reached before piece {p.name!r}; run the same command again to continue")
@@ -283,7 +302,7 @@ def retrain_stages(recipe: Recipe, deadline: float | None, only_training: bool) 
         Stage("sft-data", lambda r: [INDEX, r.tokenizer / "tokenizer.model", sd["seed"], sd["limit"], sd["max_tokens"]],
               lambda r: [r.sft_data / "train.jsonl"], sft_data),
         Stage("inputs", lambda r: [], lambda r: [], inputs, always=True),
-        *(Stage(f"piece:{p.name}", lambda r: [], lambda r: [], lambda r, p=p: run_piece(p, r, deadline), always=True)
+        *(Stage(f"piece:{p.name}", lambda r: [], lambda r: [], lambda r, p=p: run_piece(p, recipe, r, deadline), always=True)
           for p in recipe.pieces),
         Stage("registry", lambda r: [], lambda r: [], lambda r: register(recipe, r), always=True),
     ]
@@ -299,7 +318,7 @@ def recipe_lineage(recipe: Recipe, checkpoint: Path, from_runs: list[dict]) -> l
     if leaf is None:
         return from_runs
     by_name = {piece["name"]: piece for piece in from_runs}
-    return [{**by_name[p.name], "source": "run"} if p.name in by_name else
+    return [{**by_name[p.name], "parent": p.base, "source": "run"} if p.name in by_name else
             {"name": p.name, "stage": p.stage, "parent": p.base, "data_sha256": p.inputs.get("data_sha256"),
              "steps": p.steps, "seed": p.set.get("seed"), "lr": p.set.get("lr"),
              "warmup_steps": p.set.get("warmup_steps"), "wall_seconds": p.recorded.get("seconds"), "source": "recipe"}

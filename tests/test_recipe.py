@@ -3,6 +3,7 @@ registered with its lineage and shown on the card; a bad recipe is one clear err
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,25 @@ def test_retrain_replays_a_recipe_piece_by_piece_resumes_skips_and_records_linea
     recipe.write_text(json.dumps(changed))
     code, out = _invoke(*retrain)
     assert code == 1 and "dist/quick/runs/sft-b was trained with other inputs" in out and "lr=0.0005" in out, out
+
+    # a piece appended to the recipe: only it trains, even with the run folders before its base gone (as when
+    # a committed version's model.pth is copied into its piece's folder instead of replaying its chain)
+    appended = _recipe()
+    appended["pieces"].append({"name": "sft-c", "stage": "sft", "base": "sft-b", "preset": "tiny", "data": "sft-data",
+                               "steps": 2, "set": {"lr": 0.0003, "seed": 9, "eval_every": 2, "precision": "fp32"},
+                               "options": {"samples": 0}})
+    recipe.write_text(json.dumps(appended))
+    shutil.rmtree(RUNS / "base-tiny")
+    shutil.rmtree(RUNS / "sft-a")
+    code, out = _invoke(*retrain)
+    assert code == 0, out
+    assert "base-tiny    skip    not needed: sft-b, built on it, is finished" in out, out
+    assert "sft-a        skip    not needed: sft-b, built on it, is finished" in out
+    assert "sft-b        skip    step 3 of 3 reached" in out and "sft-c        sft     no checkpoint yet" in out
+    v2 = reg.get("latest")
+    assert [(p["name"], p["parent"], p["steps"], p["source"]) for p in v2.lineage] == [
+        ("base-tiny", None, 10, "recipe"), ("sft-a", "base-tiny", 4, "recipe"), ("sft-b", "sft-a", 3, "run"),
+        ("sft-c", "sft-b", 2, "run")]
 
 
 @pytest.mark.parametrize("change, message", [
