@@ -275,6 +275,10 @@ def retrain_stages(recipe: Recipe, deadline: float | None, only_training: bool) 
         r.cli(["data", "build", "--recipe", str(data_recipe), "--out", str(DATA), "--quiet"])
 
     def tokenizer(r: Release) -> None:
+        have = r.tokenizer / "tokenizer.model"
+        if t["sha256"] and have.is_file() and sha256_file(have) == t["sha256"]:  # e.g. copied from the version
+            r.log(f"recipe: {r.tokenizer} is the tokenizer the recipe records (sha256 {t['sha256'][:12]}...): kept")
+            return
         r.cli(["tokenizer", "train", "--data", str(DATA), "--out", str(r.tokenizer), "--vocab-size", str(t["vocab_size"]),
                "--max-chars", str(t["max_chars"]), "--seed", str(t["seed"])])
 

@@ -191,3 +191,27 @@ def test_a_piece_is_a_command_line_whatever_its_stage(tmp_path):
         "dpo", "--out", "dist/quick/runs/dpo-a", "--base", "dist/quick/runs/sft-b/model.pth", "--preset", "tiny",
         "--data", "dist/quick/sft", "--mine", "200", "--set", "max_steps=5", "--set", "lr=1e-05", "--set", "seed=11",
         "--resume"]
+
+
+def test_a_tokenizer_with_the_recorded_sha256_is_kept_not_retrained(tmp_path, monkeypatch):
+    """`cp -r models/versions/v9/tokenizer runs/tokenizer` is enough: the replay keeps the tokenizer its recipe records."""
+    from builder.recipe import retrain_stages
+    from builder.release import PROFILES, Release
+
+    monkeypatch.chdir(tmp_path)
+    tok = Path("dist/quick/runs/tokenizer")
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.model").write_bytes(b"the tokenizer")
+    calls, logs = [], []
+    r = Release(PROFILES["quick"], calls.append, log=logs.append)
+
+    def tokenizer_stage(sha):
+        path = tmp_path / "recipe.json"
+        path.write_text(json.dumps(_recipe(tokenizer={"vocab_size": 1000, "max_chars": 100, "seed": 0, "sha256": sha})))
+        return next(s for s in retrain_stages(load_recipe(path), None, True) if s.name == "tokenizer")
+
+    tokenizer_stage(sha256_file(tok / "tokenizer.model")).run(r)
+    assert calls == [] and "is the tokenizer the recipe records" in logs[-1]
+    tokenizer_stage("0" * 64).run(r)  # another tokenizer is there: trained as the recipe says
+    assert calls == [["tokenizer", "train", "--data", "datasets/built/default", "--out", str(tok), "--vocab-size", "1000",
+                      "--max-chars", "100", "--seed", "0"]]
