@@ -84,7 +84,7 @@ class Version:
     metrics: dict = field(default_factory=dict)
     files: list[dict] = field(default_factory=list)  # [{path (relative to models/), bytes, sha256}]
     notes: str = ""
-    lineage: list[dict] = field(default_factory=list)  # the pieces that made it (source.lineage); [] before v10
+    lineage: list[dict] = field(default_factory=list)  # the pieces that made it (source.lineage); [] if unrecorded
 
     @property
     def number(self) -> int:
