@@ -204,19 +204,20 @@ def run_piece(p: Piece, recipe: Recipe, r: Release, deadline: float | None) -> N
     # this one unnecessary: appending pieces to a recipe does not replay the whole chain before them
     later = [q for q in recipe.pieces if q is not p and p in recipe.chain(q.name)]
     try:
-        if done := next((q for q in later if _step(r.runs / q.name) == q.steps), None):
-            r.log(f"recipe: {p.name:<12} skip    not needed: {done.name}, built on it, is finished")
-            return
         ckpt = read_checkpoint(out / "model.pth") if (out / "model.pth").is_file() else None
         diff = _differences(p, r, read_run_info(out), ckpt) if ckpt is not None else []
+        step = ckpt.get("step") if ckpt is not None else None
+        done = None if step == p.steps else next((q for q in later if _step(r.runs / q.name) == q.steps), None)
     except (OSError, ValueError) as exc:  # a damaged checkpoint or run.json: the message names it
         raise click.ClickException(f"piece {p.name!r}: {exc}") from None
-    step = ckpt.get("step") if ckpt is not None else None
     if diff:
         raise click.ClickException(f"{out} was trained with other inputs than piece {p.name!r} of the recipe: "
                                    f"{'; '.join(diff)}. Delete {out} to train it again.")
     if step == p.steps:
         r.log(f"recipe: {p.name:<12} skip    step {step} of {p.steps} reached ({out}/model.pth)")
+        return
+    if done:
+        r.log(f"recipe: {p.name:<12} skip    not needed: {done.name}, built on it, is finished")
         return
     resume = step is not None and (out / "train_state.pt").is_file()
     if deadline is not None and time.monotonic() > deadline:
