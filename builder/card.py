@@ -30,6 +30,7 @@ import click
 import yaml
 from markupsafe import Markup, escape
 
+from source.lineage import lineage_rows
 from source.registry import CHAMPION_RULE, Registry, RegistryError, Version
 from source.run_logs import PRETRAIN_LOG, TRAINING_LOG, read_metrics
 
@@ -318,7 +319,7 @@ def card_context(registry: Registry, ref: str, export_dir: Path | None = None,
                       ("special tokens", ", ".join(_special_tokens(tok_dir))),
                       ("tokenizer sha256", f"`{v.tokenizer_sha256}`")],
         "dataset": _dataset(v, dataset_manifest),
-        "training": _training_rows(v, folder),
+        "training": _training_rows(v, folder), "lineage": lineage_rows(v.lineage, v.training, v.kind, v.parent, v.id),
         "champion": {"rule": CHAMPION_RULE, "is": v.id == champion, "id": champion,
                      "reason": state["champion_reason"] or "promoted by hand"},
         "metrics": [(label, _num(metrics[k])) for k, label, _ in EVAL_METRICS if k in metrics],

@@ -113,7 +113,8 @@ def info(ctx: click.Context, version: str, as_json: bool) -> None:
         lineage, report = reg.lineage(v.id), reg.verify(v.id)
     bad = {p: why for p, why in report.items() if why != "ok"}
     if as_json:
-        click.echo(json.dumps({**v.to_dict(), "champion": v.id == champion, "lineage": lineage, "verify": report},
+        # "lineage" is the entry's own list of training pieces; the chain of registered versions is "ancestors"
+        click.echo(json.dumps({**v.to_dict(), "champion": v.id == champion, "ancestors": lineage, "verify": report},
                               indent=2))
     else:
         click.echo(f"{v.id}  {v.kind}" + ("  (champion)" if v.id == champion else ""))
@@ -122,6 +123,10 @@ def info(ctx: click.Context, version: str, as_json: bool) -> None:
                 ("notes", v.notes or "-")]
         for key, val in rows:
             click.echo(f"  {key + ':':18} {val}")
+        click.echo("training pieces:" + ("" if v.lineage else " not recorded"))
+        for piece in v.lineage:
+            click.echo("  " + ", ".join(f"{k} {piece.get(k)}" for k in ("name", "stage", "parent", "steps", "seed", "lr",
+                                                                          "wall_seconds", "data_sha256")))
         for title, d in (("config", v.config), ("training", v.training), ("metrics", v.metrics)):
             click.echo(f"{title}:" + ("" if d else " -"))
             for key, val in d.items():
@@ -146,13 +151,18 @@ def info(ctx: click.Context, version: str, as_json: bool) -> None:
               help='JSON object of metrics, e.g. {"val_bpb": 1.31, "grounded_qa": 0.62}.')
 @click.option("--dataset-manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Dataset manifest.json to record by sha256 [default: the one recorded in the checkpoint].")
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The recipe (models/recipes/*.json) that trained it: names its pieces in the lineage and fills "
+                   "in those whose run folders are gone.")
 @click.pass_context
 def add(ctx: click.Context, checkpoint: Path, tokenizer_dir: Path, parent: str | None, notes: str,
-        metrics_file: Path | None, dataset_manifest: Path | None) -> None:
+        metrics_file: Path | None, dataset_manifest: Path | None, recipe_path: Path | None) -> None:
     """Copy CHECKPOINT (a model.pth) and its tokenizer into the registry as the next version vN.
 
     Steps, tokens, hardware, wall time and val_bpb are read from the checkpoint and, when it is still
-    in its run folder, from run.json and metrics.jsonl beside it. The version keeps a copy of that
+    in its run folder, from run.json and metrics.jsonl beside it; so is its lineage (every training piece
+    behind it: stage, parent, data hash, steps, seed, lr, wall time), following each run's base back to
+    a run started from scratch. The version keeps a copy of that
     metrics.jsonl (training_metrics.jsonl) and, for a fine-tune, of its base run's (pretrain_metrics.jsonl):
     `builder card` draws the loss curve from them.
 
@@ -165,15 +175,30 @@ def add(ctx: click.Context, checkpoint: Path, tokenizer_dir: Path, parent: str |
     from source.files import sha256_file
 
     metrics = _json_object(metrics_file, "metrics") if metrics_file else None
+    lineage = training = None
+    if recipe_path:
+        from builder.recipe import load_recipe, recipe_lineage
+        from source.checkpoint import read_checkpoint
+        from source.lineage import lineage_from_runs
+
+        recipe = load_recipe(recipe_path)
+        try:
+            step = read_checkpoint(checkpoint).get("step")
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        lineage = recipe_lineage(recipe, checkpoint, lineage_from_runs(checkpoint, step))
+        training = {"recipe": {"name": recipe.name, "path": str(recipe_path), "sha256": sha256_file(recipe_path)}}
     with _user_errors():
         manifest_sha = sha256_file(dataset_manifest) if dataset_manifest else None
         v = _registry(ctx).add(checkpoint, tokenizer_dir, parent=parent, metrics=metrics, notes=notes,
-                               dataset_manifest_sha256=manifest_sha)
+                               dataset_manifest_sha256=manifest_sha, lineage=lineage, training=training)
     size = sum(f["bytes"] for f in v.files)
     click.echo(f"added {v.id} ({v.kind}, {_params(v.params)} params, parent {v.parent or '-'}): "
                f"{len(v.files)} files, {size / 1e6:.1f} MB in {_registry(ctx).root / 'versions' / v.id}")
     if v.metrics:
         click.echo("metrics: " + ", ".join(f"{k}={_metric(x)}" for k, x in sorted(v.metrics.items())))
+    click.echo("lineage: " + (" -> ".join(f"{p.get('name')} ({p.get('stage')}, {p.get('steps')} steps)" for p in v.lineage)
+                              or "not recorded (no run.json beside the checkpoint)"))
 
 
 @models.command()

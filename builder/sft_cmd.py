@@ -108,7 +108,9 @@ def sft(preset: str, base: Path, data_dir: Path, tokenizer_dir: Path, out_dir: P
                        kind="lora-merged" if lora else "sft", resume=resume, init_from=base,
                        lora_rank=lora_rank if lora else 0, lora_alpha=lora_alpha, time_budget_s=time_budget,
                        metadata={"parent_checkpoint": str(base), "parent_sha256": base_sha, "preset": preset,
-                                 "sft_data": str(data_dir), "base_step": base_ckpt.get("step")})
+                                 "sft_data": str(data_dir), "base_step": base_ckpt.get("step"),
+                                 # the lineage's data hash: the chats this run read, not a folder name
+                                 "sft_data_sha256": sha256_file(data_dir / "train.jsonl")})
     except (FileNotFoundError, CheckpointError) as exc:  # nothing to resume, or a torn or foreign checkpoint
         raise click.ClickException(str(exc)) from None
     if not state.is_main_process:

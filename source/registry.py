@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from source.files import atomic_write_bytes, sha256_file
+from source.lineage import check_lineage, lineage_from_runs
 from source.run_logs import run_logs
 from source.version_summary import finite_number as _num, training_summary, version_readme
 
@@ -89,6 +90,7 @@ class Version:
     metrics: dict = field(default_factory=dict)
     files: list[dict] = field(default_factory=list)  # [{path (relative to models/), bytes, sha256}]
     notes: str = ""
+    lineage: list[dict] = field(default_factory=list)  # the pieces that made it (source.lineage); [] if unrecorded
 
     @property
     def number(self) -> int:
@@ -105,7 +107,7 @@ _FIELDS = {f.name for f in fields(Version)}
 _REQUIRED = ("id", "created", "parent", "kind", "config", "params", "tokenizer_sha256", "files")
 _TYPES = {"created": str, "parent": (str, type(None)), "kind": str, "config": dict, "params": int,
           "tokenizer_sha256": str, "dataset_manifest_sha256": (str, type(None)), "training": dict,
-          "metrics": dict, "files": list, "notes": str}
+          "metrics": dict, "files": list, "notes": str, "lineage": list}
 
 
 class Registry:
@@ -172,6 +174,8 @@ class Registry:
                 raise RegistryError(f"{where}: field {key!r} has the wrong type: {raw[key]!r:.60}")
         if raw["kind"] not in KINDS:
             raise RegistryError(f"{where}: field 'kind' is {raw['kind']!r}, expected one of {', '.join(KINDS)}")
+        if "lineage" in raw and (problem := check_lineage(raw["lineage"])):
+            raise RegistryError(f"{where}: field 'lineage' {problem}")
         for j, f in enumerate(raw["files"]):
             if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("bytes"), int)
                     and isinstance(f.get("sha256"), str)):
@@ -233,15 +237,17 @@ class Registry:
 
     def add(self, checkpoint_path: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, parent: str | None = None,
             metrics: dict | None = None, training: dict | None = None, notes: str = "",
-            dataset_manifest_sha256: str | None = None) -> Version:
+            dataset_manifest_sha256: str | None = None, lineage: list[dict] | None = None) -> Version:
         """Copy a checkpoint and its tokenizer into versions/vN and register them as vN. Training summary and
-        val_bpb come from the checkpoint and its run folder (`training_summary`); `training`/`metrics` override."""
+        val_bpb come from the checkpoint and its run folder (`training_summary`); `training`/`metrics` override.
+        `lineage` defaults to the chain of run folders behind the checkpoint (`source.lineage`)."""
         with self._writer():  # vN is claimed, staged, moved in place and registered under one lock
             return self._add(checkpoint_path, tokenizer_dir, parent=parent, metrics=metrics, training=training,
-                             notes=notes, dataset_manifest_sha256=dataset_manifest_sha256)
+                             notes=notes, dataset_manifest_sha256=dataset_manifest_sha256, lineage=lineage)
 
     def _add(self, checkpoint_path: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, parent: str | None,
-             metrics: dict | None, training: dict | None, notes: str, dataset_manifest_sha256: str | None) -> Version:
+             metrics: dict | None, training: dict | None, notes: str, dataset_manifest_sha256: str | None,
+             lineage: list[dict] | None) -> Version:
         ck, state, checkpoint_path, tokenizer_dir = _ckpt(), self.load(), Path(checkpoint_path), Path(tokenizer_dir)
         parent_id = self._find(state, parent).id if parent is not None else None
         try:
@@ -264,6 +270,7 @@ class Registry:
             params=int(ckpt.get("params") or sum(t.numel() for t in ckpt["model"].values())),
             dataset_manifest_sha256=dataset_manifest_sha256 or ckpt.get("corpus_manifest_sha256"),
             training={**derived, **(training or {})}, notes=notes,
+            lineage=lineage if lineage is not None else lineage_from_runs(checkpoint_path, ckpt.get("step")),
             metrics={**({"val_bpb": val_bpb} if val_bpb is not None else {}), **(metrics or {})})
 
         final, staging = self.root / "versions" / vid, self.root / "versions" / f".staging-{vid}"
