@@ -30,7 +30,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    out = weight * x.to(dtype)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # cast once here, not in each of the projections that read it
+        out = out.to(torch.get_autocast_dtype(device))
+    return out
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

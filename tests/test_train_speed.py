@@ -113,3 +113,17 @@ def test_v9_checkpoint_loss_matches_its_logits():
         _, loss = model(x[:, :-1], x[:, 1:])
     ref = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_norm_output_is_cast_once_under_autocast_and_unchanged_without():
+    """Under bf16 autocast the norm hands its readers (three or two projections) the bf16 tensor they would
+    each have cast it to; without autocast (inference) it is the fp32 formula, bit for bit."""
+    from source.model import rms_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 9, 32, generator=gen), torch.randn(32, generator=gen)
+    plain = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(rms_norm(x, w, 1e-5), plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rms_norm(x, w, 1e-5)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain.to(torch.bfloat16))
