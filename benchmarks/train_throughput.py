@@ -1,9 +1,14 @@
 """Training throughput: our model and loop vs Hugging Face LlamaForCausalLM, same config, same batches.
 
-    python benchmarks/train_throughput.py [--preset small] [--steps 100] [--batch 16] [--seq 256]
+    python benchmarks/train_throughput.py [--preset small] [--steps 100] [--batch 16] [--seq 512]
 
-Rows, measured in this one process on identical batches, interleaved in chunks of `--chunk` steps:
+Rows, measured in this one process on identical batches, interleaved in chunks of `--chunk` steps (the
+order rotating each round); a row's tokens/s is the median over its chunks, so a burst of load from other
+processes moves one chunk, not the figure. On a machine another job keeps busy, `--threads 1 --clock cpu`
+times each chunk in CPU seconds of this process (time.process_time), which waiting for a core does not
+inflate; the table then reads tokens per CPU-second:
 - `hf-fp32`: transformers' LlamaForCausalLM (its default fp32), our weights loaded, AdamW
+- `hf-bf16`: the same under bf16 autocast, so the bf16 gain is compared like for like
 - `ours-fp32`: our Transformer, fp32
 - `ours-bf16`: our Transformer under bf16 autocast (the default `precision=bf16`)
 - `ours-bf16-compile` (with --compile): plus torch.compile
@@ -17,6 +22,8 @@ then meaningless, and the table says so).
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from pathlib import Path
 
@@ -72,11 +79,11 @@ class Row:
             self.forward = lambda x, y: fn(x, y)[1]
         self.model = model
         self.opt = make_optimizer(model, train_config("small", ["lr=1e-3", "warmup_steps=0"]))
-        self.seconds, self.timed_tokens, self.done = 0.0, 0, 0
+        self.rates: list[float] = []  # tokens/s of each timed chunk
 
-    def advance(self, batches: list, timed: bool) -> None:
+    def advance(self, batches: list, timed: bool, clock=time.perf_counter) -> None:
         self.model.train()
-        t0 = time.perf_counter()
+        t0 = clock()
         for x, y in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.forward(x, y)
@@ -85,9 +92,11 @@ class Row:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         if timed:
-            self.seconds += time.perf_counter() - t0
-            self.timed_tokens += sum(x.numel() for x, _ in batches)
-        self.done += len(batches)
+            self.rates.append(sum(x.numel() for x, _ in batches) / (clock() - t0))
+
+    @property
+    def tok_s(self) -> float:
+        return statistics.median(self.rates)
 
     @torch.no_grad()
     def val_loss(self, val_b: list) -> float:
@@ -107,12 +116,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--val-batches", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=5, help="steps per row before switching rows")
     ap.add_argument("--tokens", default=None, help="token shard folder (default: the first under runs/tokens)")
     ap.add_argument("--compile", action="store_true", help="add an ours-bf16-compile row")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time chunks by the wall clock or by this process' CPU time (use with --threads 1)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     tokens_dir = find_tokens(args.tokens)
     vocab = None
@@ -127,34 +142,39 @@ def main() -> None:
     init = {k: v.clone() for k, v in Transformer(cfg).state_dict().items()}
     n_params = sum(v.numel() for k, v in init.items() if k != "lm_head.weight")
     fpt = flops_per_token(cfg, n_params, args.seq)
-    peak = {False: measure_peak_flops(torch.float32), True: measure_peak_flops(torch.bfloat16)}
+    # MFU needs a wall-clock peak of the same cores: left out when timing CPU seconds
+    peak = None if args.clock == "cpu" else {bf16: measure_peak_flops(torch.bfloat16 if bf16 else torch.float32)
+                                             for bf16 in (False, True)}
 
-    specs = [("hf-fp32", False, False, True), ("ours-fp32", False, False, False), ("ours-bf16", True, False, False)]
+    specs = [("hf-fp32", False, False, True), ("ours-fp32", False, False, False), ("hf-bf16", True, False, True),
+             ("ours-bf16", True, False, False)]
     if args.compile:
         specs.append(("ours-bf16-compile", True, True, False))
     rows = [Row(name, init, cfg, bf16, comp, hf) for name, bf16, comp, hf in specs]
     for row in rows:
         row.advance(train_b[:args.warmup], timed=False)
-    for start in range(args.warmup, len(train_b), args.chunk):
-        for row in rows:
-            row.advance(train_b[start:start + args.chunk], timed=True)
+    for n, start in enumerate(range(args.warmup, len(train_b), args.chunk)):
+        for row in rows[n % len(rows):] + rows[:n % len(rows)]:
+            row.advance(train_b[start:start + args.chunk], timed=True, clock=clock)
         print(f"  step {min(len(train_b), start + args.chunk) - args.warmup}/{args.steps}: "
-              + ", ".join(f"{r.name} {r.timed_tokens / r.seconds:,.0f} tok/s" for r in rows), flush=True)
-    results = []
-    for row in rows:
-        tok_s = row.timed_tokens / row.seconds
-        results.append({"name": row.name, "tok_s": tok_s, "val_loss": row.val_loss(val_b),
-                        "mfu": tok_s * fpt / peak[row.bf16]})
+              + ", ".join(f"{r.name} {r.rates[-1]:,.0f}" for r in rows) + " tok/s", flush=True)
+    results = [{"name": row.name, "bf16": row.bf16, "tok_s": row.tok_s, "val_loss": row.val_loss(val_b),
+                "mfu": row.tok_s * fpt / peak[row.bf16] if peak else None} for row in rows]
 
     base = results[0]["tok_s"]
+    hf = {r["bf16"]: r["tok_s"] for r in results if r["name"].startswith("hf-")}
     fp32_val = results[1]["val_loss"]
+    load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"\npreset={args.preset} params={n_params / 1e6:.2f}M batch={args.batch}x{args.seq} steps={args.steps} "
-          f"(+{args.warmup} warm-up) threads={torch.get_num_threads()} data={'tokens ' + str(tokens_dir) if tokens_dir else 'random'}")
-    print(f"matmul peak: fp32 {peak[False] / 1e9:.0f} GFLOP/s, bf16 {peak[True] / 1e9:.0f} GFLOP/s\n")
-    print("| run | tokens/s | vs hf-fp32 | MFU | val loss | val loss vs ours-fp32 |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"(+{args.warmup} warm-up) clock={args.clock} threads={torch.get_num_threads()}\n"
+          f"load average (1/5/15 min) at the end: {load}\ndata={'tokens ' + str(tokens_dir) if tokens_dir else 'random'}")
+    if peak:
+        print(f"matmul peak: fp32 {peak[False] / 1e9:.0f} GFLOP/s, bf16 {peak[True] / 1e9:.0f} GFLOP/s")
+    print("\n| run | tokens/s | vs hf-fp32 | vs hf, same precision | MFU | val loss | val loss vs ours-fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['name']} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | {r['mfu']:.0%} | {r['val_loss']:.4f} | "
+        print(f"| {r['name']} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | {r['tok_s'] / hf[r['bf16']]:.2f}x | "
+              f"{'—' if r['mfu'] is None else format(r['mfu'], '.0%')} | {r['val_loss']:.4f} | "
               f"{(r['val_loss'] / fp32_val - 1) * 100:+.2f}% |")
 
 

@@ -7,6 +7,7 @@ Design choices (all chosen so the weights map 1:1 onto Hugging Face `LlamaForCau
 - grouped-query attention (n_kv_heads <= n_heads), no bias anywhere
 - tied input/output embeddings (one matrix stored once)
 - attention through `F.scaled_dot_product_attention` (fused kernels on CPU and GPU)
+- the training loss is a chunked linear + cross-entropy that never holds the whole batch's logits
 - incremental decoding with a preallocated KV cache: `KVCache` holds fixed-size tensors and a
   length; a decode step writes one slot in place, so generation never reallocates per token
 - optional gradient checkpointing per block, for the large presets
@@ -29,7 +30,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    out = weight * x.to(dtype)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # cast once here, not in each of the projections that read it
+        out = out.to(torch.get_autocast_dtype(device))
+    return out
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +50,69 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     # tables cast to x's dtype so bf16 activations are not promoted to fp32 and copied back
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T`, one chunk of rows at a time: each chunk's logits become its
+    loss and its gradients at once (softmax minus one-hot, times the row's coefficient) and are dropped, so
+    the (rows, vocab) logits and their gradient never exist whole. The gradients are kept for backward,
+    which only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
+                dtype: torch.dtype, chunk_rows: int, need_grad: bool) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):  # the matmul dtype is chosen by the caller
+            h_all, w = hidden.to(dtype), weight.to(dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            need_h, need_w = (need_grad and needs for needs in ctx.needs_input_grad[:2])  # LoRA freezes the head
+            grad_h = torch.zeros_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h, t, c = (v[start:start + chunk_rows] for v in (h_all, targets, coef))
+                logits = (h @ w.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * c).sum()
+                if need_h or need_w:  # d loss / d logits = (softmax - one_hot) * coef, computed in place
+                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs[torch.arange(len(t), device=t.device), t] -= 1
+                    g = probs.mul_(c[:, None]).to(dtype)
+                    if need_h:
+                        grad_h[start:start + chunk_rows] = g @ w
+                    if need_w:
+                        grad_w += (g.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_loss for g in (grad_h, grad_w)]
+        return *scaled, None, None, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          token_weights: torch.Tensor | None = None, chunk_rows: int = 1024) -> torch.Tensor:
+    """`F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)` without the full logits.
+
+    hidden (..., dim), weight (vocab, dim), targets (...) with -100 for ignored positions. Without
+    `token_weights` the result is the mean over the targets that are not ignored; with a float
+    `token_weights` (...) it is sum(loss_i * w_i) / sum(w). Rows whose loss has no weight (padding, an SFT
+    prompt) are skipped: they add nothing to the loss or its gradients. Under autocast the matmuls run in
+    the autocast dtype, like `nn.Linear`; the softmax is fp32 either way."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    kept = targets != -100
+    if token_weights is None:
+        coef = kept / kept.sum()
+    else:
+        w = token_weights.reshape(-1).float()
+        coef = w * kept / w.sum().clamp_min(1e-8)
+    rows = coef.nonzero().squeeze(1)
+    if len(rows) < len(coef):
+        hidden, targets, coef = hidden[rows], targets[rows], coef[rows]
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, coef, dtype, chunk_rows, need_grad)
 
 
 class RMSNorm(nn.Module):
@@ -162,11 +230,11 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, loss_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (logits, loss). With `cache`, positions continue from `cache.length` and the cache
-        advances by T. `targets` uses -100 for ignored positions; `loss_mask` (0/1) further restricts the
-        loss (SFT trains on assistant tokens only); a float `loss_mask` weights each token instead.
-        `last_only` computes logits for the last position."""
+                last_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Returns (logits, None), or (None, loss) when `targets` are given. With `cache`, positions
+        continue from `cache.length` and the cache advances by T. `targets` uses -100 for ignored
+        positions; `loss_mask` (0/1) further restricts the loss (SFT trains on assistant tokens only); a
+        float `loss_mask` weights each token instead. `last_only` computes logits for the last position."""
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -182,21 +250,14 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
+        if targets is not None:  # training and evaluation want the loss only: never build the logits
             if loss_mask is not None:
                 targets = targets.masked_fill(loss_mask == 0, -100)
-            flat_logits, flat_targets = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)
-            if loss_mask is not None and loss_mask.is_floating_point():  # per-token weights: a weighted mean
-                weights = loss_mask.reshape(-1).float()
-                per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100, reduction="none")
-                loss = (per_token * weights).sum() / weights.sum().clamp_min(1e-8)
-            else:
-                loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=-100)
-        return logits, loss
+            weights = loss_mask if loss_mask is not None and loss_mask.is_floating_point() else None
+            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, weights)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x), None
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         p = self.embed_tokens.weight

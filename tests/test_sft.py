@@ -77,7 +77,8 @@ def test_prompt_loss_weight_weights_the_prompt_and_keeps_val_replies_only(tiny_w
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
                                     ffn_hidden=64, max_seq_len=256))
-    logits, replies_only = model(x, y, loss_mask=mask)
+    logits, _ = model(x)
+    _, replies_only = model(x, y, loss_mask=mask)
     per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
     assert torch.allclose(replies_only, per_token[mask.bool()].mean(), atol=1e-5)
     _, weighted_loss = model(x, y, loss_mask=weights)
