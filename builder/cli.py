@@ -6,6 +6,7 @@
     builder index build           retrieval passages in a static BM25F index
     builder sft-data              chat examples grounded in retrieved passages
     builder sft                   chat fine-tuning (full or LoRA)
+    builder dpo                   preference tuning (DPO) on user or mined pairs
     builder eval                  bits-per-byte, grounded QA, refusals, samples
     builder models ...            versioned registry and the champion
     builder export                HF folder + ONNX (KV cache) + int8/q4 + manifest, behind parity gates
@@ -18,6 +19,7 @@ import click
 from builder.card_cmd import card
 from builder.data_cmd import data
 from builder.docs_cmd import docs
+from builder.dpo_cmd import dpo
 from builder.index_cmd import index
 from builder.models_cmd import models
 from builder.release_cmd import release
@@ -55,6 +57,7 @@ main.add_command(pretrain)
 main.add_command(index)
 main.add_command(sft)
 main.add_command(sft_data)
+main.add_command(dpo)
 main.add_command(eval_)
 main.add_command(models)
 main.add_command(site)

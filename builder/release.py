@@ -47,12 +47,14 @@ class Profile:
     sft_examples: int | None  # None: the generator's default
     eval_limit: int
     natural_sample: int | None = None  # natural questions scored per path when the champion changes (None: all)
+    dpo_mine: int = 2000  # SFT training examples the SFT model answers to mine preference pairs from
+    dpo_steps: int = 300
 
 
 PROFILES = {
     "default": Profile("default", "small", 8192, 550, 900, 1e-3, "models", "runs", "datasets/built/sft", None, 200),
     "quick": Profile("quick", "tiny", 4096, 300, 150, 1e-3, "dist/quick/models", "dist/quick/runs", "dist/quick/sft", 4000, 40,
-                     natural_sample=20),
+                     natural_sample=20, dpo_mine=200, dpo_steps=30),
 }
 NOT_TRAINING = ("registry", "runs", "sft_data", "natural_sample")  # profile fields the training lock ignores
 LOCK = "release.lock.json"  # inside the profile's registry folder
@@ -98,6 +100,7 @@ class Release:
         self.runs, self.registry, self.sft_data = Path(profile.runs), Path(profile.registry), Path(profile.sft_data)
         self.tokenizer = self.runs / "tokenizer"
         self.base, self.sft = self.runs / f"base-{profile.preset}", self.runs / f"sft-{profile.preset}"
+        self.dpo = self.runs / f"dpo-{profile.preset}"
         self.export, self.card = DIST / "export", DIST / "card" / "README.md"
         self.pages, self.partial = DIST / "pages", DIST / ".pages.partial"
         self.state_path = DIST / f"release-state-{profile.name}.json"
@@ -208,12 +211,18 @@ def _sft_data(r: Release) -> None:
            str(r.tokenizer), "--max-tokens", str(window), *limit, "--quiet"])
 
 
+def _dpo(r: Release) -> None:
+    """Preference tuning of the SFT model on pairs mined from its own greedy answers to training questions."""
+    r.cli(_train_args(r, "dpo", r.dpo, r.p.dpo_steps, "--base", str(r.sft / "model.pth"), "--mine", str(r.p.dpo_mine),
+                      "--data", str(r.sft_data), "--quiet"))
+
+
 def _registry(r: Release) -> None:
     root = ["models", "--root", str(r.registry)]
-    r.cli([*root, "add", str(r.sft / "model.pth"), "--tokenizer", str(r.tokenizer),
+    r.cli([*root, "add", str(r.dpo / "model.pth"), "--tokenizer", str(r.tokenizer),
            "--dataset-manifest", str(DATA / "manifest.json"),
            "--notes", f"builder release --profile {r.p.name}: {r.p.preset}, pretrain {r.p.pretrain_steps} + "
-                      f"SFT {r.p.sft_steps} steps"])
+                      f"SFT {r.p.sft_steps} + DPO {r.p.dpo_steps} steps ({r.p.dpo_mine} examples mined)"])
     r.cli(["eval", "--model", "latest", "--root", str(r.registry), "--limit", str(r.p.eval_limit),
            "--sft-data", str(r.sft_data), "--data", str(DATA), "--index", str(INDEX)])
     r.cli([*root, "champion", "--auto"])
@@ -308,7 +317,9 @@ STAGES = [
           lambda r: r.cli(_train_args(r, "sft", r.sft, r.p.sft_steps, "--base", str(r.base / "model.pth"),
                                       "--data", str(r.sft_data), "--set", f"lr={r.p.sft_lr}", "--samples", "0")),
           training=True),
-    Stage("registry", lambda r: [r.sft / "model.pth"], lambda r: [r.registry / LOCK], _registry, training=True),
+    Stage("dpo", lambda r: [r.sft / "model.pth", r.sft_data / "train.jsonl", asdict(r.p)], lambda r: [r.dpo / "model.pth"],
+          _dpo, training=True),
+    Stage("registry", lambda r: [r.dpo / "model.pth"], lambda r: [r.registry / LOCK], _registry, training=True),
     Stage("export", lambda r: [r.registry / "registry.json", INDEX], lambda r: [r.export / "manifest.json"],
           lambda r: r.cli(["export", "--model", "champion", "--root", str(r.registry), "--out", str(r.export),
                            "--index", str(INDEX), "--data", str(DATA)])),

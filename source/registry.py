@@ -32,7 +32,7 @@ from source.run_logs import run_logs
 from source.version_summary import finite_number as _num, training_summary, version_readme
 
 FORMAT = "supermix-registry-v1"
-KINDS = ("pretrain", "sft", "lora-merged")
+KINDS = ("pretrain", "sft", "lora-merged", "dpo")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CHAMPION_RULE = ("highest natural_site_correct (hand-written questions through the site) wins; ties, and "
                  "versions without it, are ranked by highest grounded_qa, then by lowest val_bpb; a version with "

@@ -6,6 +6,7 @@
   torch.compile; DDP via `accelerate launch` (FSDP with `distributed=fsdp`, meant for GPU clusters)
 - batches come from a `BatchSource` (see token_data.TokenShards) addressed by (step, micro, rank), so
   `resume=True` continues exactly where the last checkpoint left off
+- the loss is a parameter (`lm_loss` by default; source/dpo.py passes DPO's, whose extra scalars are logged)
 - progress bar with loss, tokens/s, MFU and ETA; metrics appended to `metrics.jsonl`; periodic val
   loss and bits-per-byte; atomic checkpoints every `checkpoint_every` steps and at the end
 
@@ -35,10 +36,17 @@ from source.model import Transformer
 
 
 class BatchSource(Protocol):
-    tokens_per_byte: float
+    tokens_per_byte: float  # 0: no bits-per-byte reading of the val loss (preference pairs)
 
     def batch(self, split: str, batch_size: int, seq_len: int, step: int, micro: int = 0,
               rank: int = 0) -> tuple[torch.Tensor, ...]: ...
+
+
+def lm_loss(model: torch.nn.Module, batch: tuple, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token loss of an (x, y[, mask]) batch (pretraining, SFT), with no extra scalars."""
+    x, y, *mask = batch
+    _, loss = model(x.to(device), y.to(device), loss_mask=mask[0].to(device) if mask else None)
+    return loss, {}
 
 
 @dataclass
@@ -179,14 +187,14 @@ def _truncate_metrics(path: Path, keep_until_step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, data: BatchSource, cfg: TrainConfig, accelerator, rank: int = 0) -> float:
+def evaluate_loss(model: torch.nn.Module, data: BatchSource, cfg: TrainConfig, accelerator, rank: int = 0,
+                  loss_fn: Callable[..., tuple] = lm_loss) -> float:
     model.eval()
     losses = []
     for i in range(cfg.eval_batches):
-        x, y, *mask = data.batch("val", cfg.batch_size, cfg.seq_len, step=i, rank=rank)
+        batch = data.batch("val", cfg.batch_size, cfg.seq_len, step=i, rank=rank)
         with accelerator.autocast():
-            _, loss = model(x.to(accelerator.device), y.to(accelerator.device),
-                            loss_mask=mask[0].to(accelerator.device) if mask else None)
+            loss, _ = loss_fn(model, batch, accelerator.device)
         losses.append(loss.float())
     model.train()
     mean = torch.stack(losses).mean().to(accelerator.device)
@@ -210,7 +218,8 @@ def read_run_info(out_dir: Path) -> dict:
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out_dir: str | Path, *,
           tokenizer_sha256: str, kind: str = "pretrain", resume: bool = False, init_from: str | Path | None = None,
           metadata: dict | None = None, progress: bool = True, lora_rank: int = 0, lora_alpha: float = 16.0,
-          on_log: Callable[[dict], None] | None = None, time_budget_s: float | None = None) -> TrainResult:
+          on_log: Callable[[dict], None] | None = None, time_budget_s: float | None = None,
+          loss_fn: Callable[..., tuple] = lm_loss) -> TrainResult:
     """Train `model_cfg` on `data`, writing checkpoints and logs to `out_dir`.
 
     `init_from` starts from another run's `model.pth` (SFT starts from the pretrained model);
@@ -338,18 +347,19 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=accelerator.device)
+        extras: dict[str, torch.Tensor] = {}
         step_tokens = 0
         for micro in range(train_cfg.grad_accum):
-            x, y, *mask = data.batch("train", train_cfg.batch_size, train_cfg.seq_len, step, micro, rank)
-            x, y = x.to(accelerator.device), y.to(accelerator.device)
-            step_tokens += x.numel()
+            batch = data.batch("train", train_cfg.batch_size, train_cfg.seq_len, step, micro, rank)
+            step_tokens += batch[0].numel()
             last = micro == train_cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(compiled)
             with sync:
                 with accelerator.autocast():
-                    _, loss = compiled(x, y, loss_mask=mask[0].to(accelerator.device) if mask else None)
+                    loss, stats = loss_fn(compiled, batch, accelerator.device)
                 accelerator.backward(loss / train_cfg.grad_accum)
             total += loss.detach() / train_cfg.grad_accum
+            extras = {k: extras.get(k, 0) + v.detach().float() / train_cfg.grad_accum for k, v in stats.items()}
         grad_norm = accelerator.clip_grad_norm_(compiled.parameters(), train_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -366,7 +376,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
                 peak = max(peak, measure_peak_flops(peak_dtype, device=accelerator.device))
             record = {"step": step, "loss": round(loss_val, 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                       "tokens": tokens_seen, "tok_per_s": round(tok_s, 1), "mfu": round(tok_s * fpt / peak, 4),
-                      "elapsed": round(elapsed, 2)}
+                      "elapsed": round(elapsed, 2),
+                      **{name: round(accelerator.reduce(v, reduction="mean").item(), 6) for name, v in extras.items()}}
             window_t0, window_tokens = time.perf_counter(), 0
             if main:
                 _append_jsonl(metrics_path, record)
@@ -374,11 +385,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
                 if on_log:
                     on_log(record)
         if step % train_cfg.eval_every == 0 or step == train_cfg.max_steps:
-            val_loss = evaluate_loss(compiled, data, train_cfg, accelerator, rank)
-            val_bpb = val_loss / math.log(2) * data.tokens_per_byte
+            val_loss = evaluate_loss(compiled, data, train_cfg, accelerator, rank, loss_fn)
+            val_bpb = val_loss / math.log(2) * data.tokens_per_byte if data.tokens_per_byte else None
             if main:
-                _append_jsonl(metrics_path, {"step": step, "val_loss": round(val_loss, 6), "val_bpb": round(val_bpb, 6)})
-                bar.write(f"step {step}: val loss {val_loss:.4f}, val bits/byte {val_bpb:.4f}")
+                bpb = {"val_bpb": round(val_bpb, 6)} if val_bpb is not None else {}  # none for preference pairs
+                _append_jsonl(metrics_path, {"step": step, "val_loss": round(val_loss, 6), **bpb})
+                bar.write(f"step {step}: val loss {val_loss:.4f}" + (f", val bits/byte {val_bpb:.4f}" if bpb else ""))
             window_t0 = time.perf_counter()  # evaluation time is not training throughput
         if step % train_cfg.checkpoint_every == 0 or step == train_cfg.max_steps:
             save(step)

@@ -11,7 +11,7 @@ from builder.cli import main
 from builder.release import PROFILES, Profile, Release, select
 
 
-TRAINING = {"tokenizer", "pretrain", "sft-data", "sft", "registry"}
+TRAINING = {"tokenizer", "pretrain", "sft-data", "sft", "dpo", "registry"}
 
 
 def _release(profile, calls, start=None, only=None):
@@ -32,7 +32,7 @@ def test_release_runs_every_stage_then_caches_training(tmp_path, monkeypatch):
     recipe.write_text(json.dumps({"name": "default", "sources": [
         {"name": "pydoc-topics", "weight": 1.0, "license": "PSF-2.0"}]}))
     profile = Profile("test", "tiny", 1000, 20, 20, 1e-3, "models", "runs", "datasets/built/sft", None, 10,
-                      natural_sample=3)
+                      natural_sample=3, dpo_mine=12, dpo_steps=3)
     questions = tmp_path / "datasets" / "eval" / "natural.jsonl"
     questions.parent.mkdir(parents=True)
     questions.write_text("".join(json.dumps(item) + "\n" for item in [
@@ -47,7 +47,7 @@ def test_release_runs_every_stage_then_caches_training(tmp_path, monkeypatch):
 
     calls: list[str] = []
     r, summary = _release(profile, calls)
-    assert [s["status"] for s in summary["stages"]] == ["ran"] * 13, summary["stages"]
+    assert [s["status"] for s in summary["stages"]] == ["ran"] * 14, summary["stages"]
     assert (tmp_path / "datasets" / "manifests" / "default.json").is_file()  # the first build is the reference
     pages = tmp_path / "dist" / "pages"
     for name in ("index.html", ".nojekyll", "docs/index.html"):
@@ -56,6 +56,9 @@ def test_release_runs_every_stage_then_caches_training(tmp_path, monkeypatch):
     assert manifest["champion"] == "v1" and all(g["passed"] for g in manifest["gates"] if g["required"])
     lock = json.loads((tmp_path / "models" / "release.lock.json").read_text())
     assert lock["champion"] == "v1"
+    # the champion is the preference-tuned SFT model, tuned on pairs mined from its answers
+    assert json.loads((tmp_path / "models" / "registry.json").read_text())["versions"][0]["kind"] == "dpo"
+    assert json.loads((tmp_path / "runs" / "dpo-tiny" / "pairs-stats.json").read_text())["examples"] == 12
     # the champion's natural questions went through torch, onnx and the site, stored beside it and in the card
     natural = json.loads((tmp_path / "models" / "versions" / "v1" / "eval-natural.json").read_text())
     assert set(natural["natural"]["paths"]) == {"torch", "onnx", "site"} and natural["natural"]["n_items"] == 3, natural["natural"]["selection"]
