@@ -4,7 +4,8 @@
 
 Builds the site from the export (`builder site`) into a temporary folder, serves it with
 `python -m http.server` on 127.0.0.1 and drives /usr/bin/chromium (flags: docs/pages/decisions.md) with playwright.
-Per dtype, in a fresh browser context (empty cache):
+Per dtype and thread mode (`--threads 1,auto`: `?threads=1`, or as many as the page gets once sw.js has
+made it cross-origin isolated), in a fresh browser context (empty cache):
 - first load: page open -> model ready (downloads the wasm, the model and the index start, compiles)
 - cached load: a reload in the same context -> ready again (everything from the Cache API)
 - one greedy reply of exactly --new-tokens tokens (end tokens suppressed until then, min_new_tokens),
@@ -33,10 +34,16 @@ PROMPT = "What does json.dumps do?"
 
 
 def wait(page, expr: str, timeout: float = 300.0) -> None:
+    from playwright.sync_api import Error
+
     t0 = time.time()
     while time.time() - t0 < timeout:  # polled: the page's CSP forbids wait_for_function's eval
-        if page.evaluate(expr):
-            return
+        try:
+            if page.evaluate(expr):
+                return
+        except Error as e:  # sw.js reloading a first visit to make it cross-origin isolated
+            if "context was destroyed" not in str(e):
+                raise
         time.sleep(0.02)
     raise TimeoutError(f"{expr}: {page.evaluate('window.supermix && window.supermix.errors')}")
 
@@ -70,6 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", type=Path, required=True, help="a `builder export` folder (with index/ for retrieval)")
     ap.add_argument("--dtype", default="q8,fp32")
+    ap.add_argument("--threads", default="1,auto", help="thread modes: 1 (?threads=1), auto (isolated page)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt", default=PROMPT)
     args = ap.parse_args()
@@ -84,14 +92,14 @@ def main() -> None:
     with serve(site) as base:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
-            for dtype in args.dtype.split(","):
+            for dtype, mode in [(d, t) for d in args.dtype.split(",") for t in args.threads.split(",")]:
                 ctx = browser.new_context()
                 external = []
                 ctx.route("**/*", lambda r: r.continue_() if r.request.url.startswith(base)
                           else (external.append(r.request.url), r.abort()))
                 page = ctx.new_page()
                 url = (f"{base}?dtype={dtype}&temperature=0&max_new_tokens={args.new_tokens}"
-                       f"&min_new_tokens={args.new_tokens}")
+                       f"&min_new_tokens={args.new_tokens}" + ("&threads=1" if mode == "1" else ""))
                 t0 = time.perf_counter()
                 page.goto(url)
                 wait(page, "window.supermix && window.supermix.ready")
@@ -109,7 +117,9 @@ def main() -> None:
                     replies.append(page.evaluate(f"window.supermix.replies[{len(replies)}]"))
                 r = replies[-1]
                 py = python_ort(args.export, dtype, r["prompt_ids"], args.new_tokens)
-                rows.append({"dtype": dtype, "first_load_s": round(first, 2), "cached_load_s": round(cached, 2),
+                threads, isolated = page.evaluate("[window.supermix.threads, window.supermix.isolated]")
+                rows.append({"dtype": dtype, "threads": threads, "isolated": isolated,
+                             "first_load_s": round(first, 2), "cached_load_s": round(cached, 2),
                              "prompt_tokens": r["prompt_tokens"], "new_tokens": r["completion_tokens"],
                              "browser_prefill_ms": round(r["forward_ms"][0], 1),
                              "browser_decode_tok_s": round(r["decode_tokens_per_second"], 1),
@@ -121,7 +131,7 @@ def main() -> None:
             browser.close()
     manifest = json.loads((args.export / "manifest.json").read_text()) if (args.export / "manifest.json").exists() else {}
     print(f"export {args.export} (model {manifest.get('model_version')}, {manifest.get('params', 0) / 1e6:.1f}M params); "
-          f"Chromium headless, wasm single-threaded; load average {os.getloadavg()[0]:.2f}")
+          f"Chromium headless; load average {os.getloadavg()[0]:.2f}")
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:

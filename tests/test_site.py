@@ -113,11 +113,20 @@ def _reference(export: Path, messages: list[dict], max_new_tokens: int, dtype: s
             "prompt_tokens": reply.prompt_tokens, "finish_reason": reply.finish_reason}
 
 
+LOAD_S = 240.0  # a first load compiles 27 MB of wasm: slow on a busy 2-core machine
+
+
 def _wait(page, expr: str, timeout: float = 60.0):
+    from playwright.sync_api import Error
+
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if value := page.evaluate(expr):
-            return value
+        try:
+            if value := page.evaluate(expr):
+                return value
+        except Error as e:  # the page reloading itself (sw.js taking over for isolation) mid-evaluate
+            if "context was destroyed" not in str(e):
+                raise
         time.sleep(0.05)
     raise TimeoutError(f"{expr} after {timeout} s; errors: {page.evaluate('window.supermix?.errors')}")
 
@@ -153,8 +162,12 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         ctx.route("**/*", route)
         page = ctx.new_page()
         page.goto(server + "?temperature=0&max_new_tokens=24")
-        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)")
+        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)", LOAD_S)
         assert page.evaluate("window.supermix.errors") == []
+        # sw.js made the page cross-origin isolated (one reload): onnxruntime-web runs a thread per core
+        cores = page.evaluate("Math.min(4, navigator.hardwareConcurrency)")
+        assert page.evaluate("[crossOriginIsolated, window.supermix.isolated, window.supermix.threads]") == \
+            [True, True, cores]
 
         # two turns, greedy: ids, text and sources equal the Python runtime's (history included)
         messages: list[dict] = []
@@ -188,7 +201,7 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
 
         # Stop: a long sampled reply (min_new_tokens: it cannot end by itself) ends early with "stop"
         page.goto(server + "?max_new_tokens=100&min_new_tokens=100&seed=1")
-        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)")
+        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)", LOAD_S)
         page.click("#settings summary")
         page.fill("#max-tokens", "100")  # the tiny model's window is 256 tokens
         page.focus("#temperature")
@@ -210,17 +223,17 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         before = len(requests)
         assert any(u.endswith("model_quantized.onnx") for u in requests)  # the route sees the worker's fetches
         page.reload()
-        _wait(page, "window.supermix && window.supermix.ready")
+        _wait(page, "window.supermix && window.supermix.ready", LOAD_S)
         again = [u for u in requests[before:] if u.endswith((".onnx", ".wasm", "tokenizer.json", ".bin"))]
         assert again == [], again
         ctx.set_offline(True)  # third visit, offline: the service worker serves the page, caches the rest
         page.reload()
-        _wait(page, "window.supermix && window.supermix.ready")
+        _wait(page, "window.supermix && window.supermix.ready", LOAD_S)
         ctx.set_offline(False)
 
         # fp32 weights (?dtype=fp32): the same equality on onnx/model.onnx
         page.goto(server + "?dtype=fp32&temperature=0&max_new_tokens=24&nosw=1")
-        _wait(page, "window.supermix && window.supermix.ready")
+        _wait(page, "window.supermix && window.supermix.ready", LOAD_S)
         page.fill("#prompt", "What is a closure?")
         page.press("#prompt", "Enter")
         _wait(page, "window.supermix.replies.length >= 1")
@@ -229,6 +242,25 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         assert (got["token_ids"], got["text"]) == (want["token_ids"], want["text"])
         assert any(u.endswith("onnx/model.onnx") for u in requests)
 
+        # where no service worker can run, the page is not isolated and runs one thread, same tokens
+        bare = browser.new_context(service_workers="block")
+        bare.route("**/*", route)
+        single = bare.new_page()
+        single.goto(server + "?temperature=0&max_new_tokens=24")
+        _wait(single, "window.supermix && (window.supermix.ready || window.supermix.errors.length)", LOAD_S)
+        assert single.evaluate("[crossOriginIsolated, window.supermix.isolated, window.supermix.threads]") == \
+            [False, False, 1]
+        single.fill("#prompt", "What is a closure?")
+        single.press("#prompt", "Enter")
+        _wait(single, "window.supermix.replies.length >= 1")
+        got = single.evaluate("window.supermix.replies[0]")
+        want = _reference(tiny_export, [{"role": "user", "content": "What is a closure?"}], 24)
+        assert (got["token_ids"], got["text"]) == (want["token_ids"], want["text"])
+        single.goto(server + "about.html")
+        _wait(single, "document.getElementById('doc').textContent.includes('This browser')")
+        assert "Not cross-origin isolated" in single.locator("#doc").inner_text()
+        bare.close()
+
         # model card and about pages render from the shipped files, markup escaped
         page.goto(server + "model.html")
         _wait(page, "document.querySelector('#doc table')")
@@ -236,6 +268,7 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         page.goto(server + "about.html")
         _wait(page, "document.getElementById('doc').textContent.includes('Retrieval index')")
         assert "tiny" in page.locator("#doc h1").inner_text() and "passages" in page.locator("#doc").inner_text()
+        assert f"wasm on {cores} thread" in page.locator("#doc").inner_text()  # controlled: isolated
         page.screenshot(path=str(art / "site-about.png"), full_page=True)
         browser.close()
     assert external == []

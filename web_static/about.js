@@ -1,5 +1,7 @@
 // about.html: the release's measured numbers, straight from the export's manifest.json and the
 // browser index's meta.json (nothing typed in by hand).
+import { wasmThreads } from "./threads.js";
+
 const doc = document.getElementById("doc");
 const el = (tag, text) => { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; return e; };
 const fmt = (v) => (v === null || v === undefined ? "" : typeof v === "number" ? (Number.isInteger(v) ? v.toLocaleString("en")
@@ -23,6 +25,11 @@ try {
   const m = await (await fetch(site.manifest)).json();
   doc.replaceChildren(el("h1", `Release ${m.model_version ?? ""}`.trim()),
     el("p", `Exported ${m.created ?? ""} (${m.format}); site built ${site.built}. Parameters: ${fmt(m.params)}.`));
+  const mode = wasmThreads(window, location.search);
+  section("This browser", el("p", mode.isolated
+    ? `Cross-origin isolated: the chat runs onnxruntime-web's wasm on ${mode.threads} thread${mode.threads === 1 ? "" : "s"}.`
+    : "Not cross-origin isolated (no service worker, or it has not taken over this tab yet): the chat runs "
+      + "onnxruntime-web's wasm on 1 thread."));
   if (m.config) section("Configuration", table(["setting", "value"], Object.entries(m.config)));
   if (m.metrics && Object.keys(m.metrics).length) section("Evaluation", table(["metric", "value"], Object.entries(m.metrics)));
   if (m.gates?.length) {

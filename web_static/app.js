@@ -3,6 +3,7 @@
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const dtype = ["q8", "fp32"].includes(params.get("dtype")) ? params.get("dtype") : "q8";
+await isolate();
 const worker = new Worker("worker.js", { type: "module" });
 const history = [];  // {role, content}: what the next request sends
 const files = new Map();  // download progress per file
@@ -122,7 +123,9 @@ worker.onmessage = ({ data }) => {
     app.site = data.site;
     $("loader").hidden = true;
     if (!data.retrieval) { $("retrieval").checked = false; $("retrieval").disabled = true; }
-    setStatus(`Ready: ${data.site.model_version || "model"} (${data.dtype}), loaded in ${(data.load_ms / 1000).toFixed(1)} s.`);
+    app.threads = data.threads;
+    app.isolated = data.isolated;
+    setStatus(`Ready: ${data.site.model_version || "model"} (${data.dtype}, ${data.threads === 1 ? "1 thread" : `${data.threads} threads`}), loaded in ${(data.load_ms / 1000).toFixed(1)} s.`);
     setBusy(false);
     $("prompt").focus();
   } else if (data.type === "sources" && current?.id === data.id) {
@@ -155,9 +158,24 @@ worker.onmessage = ({ data }) => {
   }
 };
 worker.onerror = (e) => { app.errors.push(e.message); setStatus(`Worker failed: ${e.message}`); };
-worker.postMessage({ type: "load", dtype });
-// the service worker keeps the page itself for offline visits (the model is cached by worker.js)
-if ("serviceWorker" in navigator && !params.has("nosw")) navigator.serviceWorker.register("sw.js").catch(() => {});
+worker.postMessage({ type: "load", dtype, search: location.search });
+
+/** Register sw.js (offline shell, and the COOP/COEP headers that let onnxruntime-web run threads). A
+ * page it does not control yet is not isolated: reload once when it takes over, at most once per tab,
+ * and run single-threaded wherever that does not make the page isolated. */
+async function isolate() {
+  if (!("serviceWorker" in navigator) || params.has("nosw")) return;
+  const registration = await navigator.serviceWorker.register("sw.js").catch(() => null);
+  if (!registration || window.crossOriginIsolated || sessionStorage.getItem("supermix-isolation-reload")) return;
+  if (!navigator.serviceWorker.controller) {
+    const controlled = new Promise((resolve) => navigator.serviceWorker.addEventListener("controllerchange", resolve, { once: true }));
+    await Promise.race([controlled, new Promise((resolve) => setTimeout(resolve, 3000))]);
+    if (!navigator.serviceWorker.controller) return;
+  }
+  sessionStorage.setItem("supermix-isolation-reload", "1");
+  location.reload();
+  await new Promise(() => {});  // the reload replaces this page
+}
 
 $("composer").addEventListener("submit", (e) => {
   e.preventDefault();

@@ -1,9 +1,10 @@
-// The model lives here, off the page's thread: transformers.js (wasm, single-threaded), retrieval,
+// The model lives here, off the page's thread: transformers.js (wasm, threaded when isolated), retrieval,
 // the prompt, sampling and streaming. Messages in: load, generate, stop. Out: progress, ready,
 // sources, delta, done, error. Every URL is relative to this file, so the site works under /REPO/.
 import { env, AutoTokenizer, AutoModelForCausalLM, InterruptableStoppingCriteria, Tensor } from "./vendor/transformers.js";
 import { Index } from "./retrieval.js";
 import { buildPrompt, chatTokenizer, citedNumbers, prepareContext, retrievalQuery } from "./prompt.js";
+import { wasmThreads } from "./threads.js";
 
 const here = (path) => new URL(path, self.location.href).href;
 let CACHE = null;  // "supermix-files-<cache_key>": the wasm and index shards; the model files go to
@@ -13,10 +14,9 @@ env.allowRemoteModels = false;  // never the Hub
 env.allowLocalModels = true;
 env.localModelPath = "models/";  // resolved against this worker's URL
 env.useBrowserCache = true;      // model files go to the Cache API: the second visit works offline
-env.backends.onnx.wasm.numThreads = 1;  // Pages sends no COOP/COEP, so no SharedArrayBuffer threads
 env.backends.onnx.wasm.wasmPaths = here("vendor/ort/");  // the .mjs glue; the .wasm bytes we pass ourselves
 
-let site, tokenizer, model, index, endIds, maxSeqLen;
+let site, tokenizer, model, index, endIds, maxSeqLen, mode;
 const forwardMs = [];  // per forward pass of the last reply: the benchmark splits model time from overhead
 const stopping = new InterruptableStoppingCriteria();
 
@@ -61,7 +61,9 @@ async function siteConfig() {
   }
 }
 
-async function load(dtype) {
+async function load(dtype, search = "") {
+  mode = wasmThreads(self, search);  // threads only on a cross-origin isolated page (sw.js)
+  env.backends.onnx.wasm.numThreads = mode.threads;
   const t0 = performance.now();
   site = await siteConfig();
   CACHE = `supermix-files-${site.cache_key}`;
@@ -97,7 +99,7 @@ async function load(dtype) {
   maxSeqLen = model.config.max_position_embeddings;
   // as in runtime_python.chat: </s>, <s> and every chat-role token end a reply
   endIds = new Set(site.end_tokens.map((t) => tokenizer.encode(t, { add_special_tokens: false })[0]));
-  post({ type: "ready", dtype, load_ms: Math.round(performance.now() - t0), steps, site, retrieval: !!index });
+  post({ type: "ready", dtype, load_ms: Math.round(performance.now() - t0), steps, site, retrieval: !!index, ...mode });
 }
 
 function nextTask() {
@@ -197,7 +199,7 @@ async function generate({ id, messages, settings }) {
 self.onmessage = async ({ data }) => {
   if (data.type === "stop") { stopping.interrupt(); return; }
   try {
-    if (data.type === "load") await load(data.dtype || "q8");
+    if (data.type === "load") await load(data.dtype || "q8", data.search);
     else if (data.type === "generate") await generate(data);
   } catch (e) {
     post({ type: "error", id: data.id, message: String(e?.message || e) });
