@@ -150,13 +150,17 @@ def test_a_bad_recipe_is_one_error_naming_the_file_and_the_field(tmp_path, chang
     assert result.exit_code == 1 and f"{path}: " in result.output and "Traceback" not in result.output, result.output
 
 
-def test_the_committed_recipes_load_and_the_champion_recipe_rebuilds_v9():
+def test_the_committed_recipes_load_and_the_champion_recipe_rebuilds_each_version_it_names():
     champion = load_recipe(REPO / "models" / "recipes" / "champion.json")
-    v9 = Registry(REPO / "models").get("v9")
+    registry = Registry(REPO / "models")
     last = champion.pieces[-1]
-    tc = v9.training["train_config"]
-    assert last.steps == v9.training["steps"] and last.set["seed"] == tc["seed"] and last.set["lr"] == tc["lr"]
-    assert champion.tokenizer["sha256"] == v9.tokenizer_sha256
+    named = [p for p in champion.pieces if p.recorded.get("version") in {v.id for v in registry.versions()}]
+    assert last in named and {p.recorded["version"] for p in named} >= {"v9"}
+    for piece in named:  # every committed version the recipe names: its steps, seed and lr as it was trained
+        v = registry.get(piece.recorded["version"])
+        tc = v.training["train_config"]
+        assert piece.steps == v.training["steps"] and piece.set["seed"] == tc["seed"] and piece.set["lr"] == tc["lr"]
+        assert champion.tokenizer["sha256"] == v.tokenizer_sha256
     assert [p.name for p in champion.chain(last.name)] == [p.name for p in champion.pieces]  # one line of descent
     assert champion.notes and load_recipe(REPO / "models" / "recipes" / "quick.json").pieces
 
@@ -169,7 +173,7 @@ def test_versions_without_lineage_stay_valid_and_the_card_says_what_is_not_recor
     assert "not recorded" in shown["note"]
     # a malformed lineage is a registry error naming the field
     data = json.loads((REPO / "models" / "registry.json").read_text())
-    data["versions"][-1]["lineage"] = [{"steps": 3}, "x"]
+    next(v for v in data["versions"] if v["id"] == "v9")["lineage"] = [{"steps": 3}, "x"]
     (tmp_path / "registry.json").write_text(json.dumps(data))
     with pytest.raises(RegistryError, match=r"\(v9\): field 'lineage' \[1\] must be an object"):
         Registry(tmp_path).load()
