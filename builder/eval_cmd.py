@@ -176,7 +176,7 @@ def eval_(model_spec: str | None, tokenizer_dir: Path | None, data_dir: Path, sf
                                           "fact_recall_pass", "refusal_accuracy") if report.get(k) is not None}
         Registry(root).set_metrics(version_id, metrics)
         click.echo(f"metrics recorded for {version_id}")
-    if natural is not None and record and natural["n_items"] == natural["n_items_file"]:
+    if natural is not None and record and sample is None and limit is None:  # a re-check or a slice ranks nothing
         record_natural(natural, model_spec, root, tokenizer_dir)
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from source.config import TrainConfig, apply_overrides, check_fields
-from source.sft_format import check_example, decode_line, parse_json_line
+from source.sft_format import check_example, load_checked_lines
 
 DPO_RULES = {"beta": (float, 0.0, 100.0, "(]"), "mine_tokens": (int, 1, 4096, "[]")}
 
@@ -108,19 +108,7 @@ def check_pair(obj: Any) -> dict:
 def load_pairs(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list[dict], int]:
     """Pairs of a JSONL file. A bad line raises ValueError("file:line: field: problem"), or with `skip_bad`
     is skipped and counted. Returns (pairs, n_bad)."""
-    pairs, bad, offset = [], 0, 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            start, offset = offset, offset + len(raw)
-            try:
-                line = decode_line(raw, start)
-                if line.strip():
-                    pairs.append(check_pair(parse_json_line(line)))
-            except ValueError as e:
-                if not skip_bad:
-                    raise ValueError(f"{path}:{n}: {e}") from None
-                bad += 1
-    return pairs, bad
+    return load_checked_lines(path, check_pair, skip_bad)
 
 
 # ----------------------------------------------------------------------------- mining rule

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 ROLES = ("system", "user", "assistant")
@@ -109,23 +110,29 @@ def parse_json_line(line: str):
     return obj
 
 
-def load_examples(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list[dict], int]:
-    """Examples of a JSONL file (either format). A bad line (bad UTF-8, bad JSON, bad example) raises
-    ValueError("file:line: field: problem"), or with `skip_bad` is skipped and counted. Returns (examples, n_bad)."""
-    examples, bad, offset = [], 0, 0
+def load_checked_lines(path: str | os.PathLike, check: Callable[[dict], dict],
+                       skip_bad: bool = False) -> tuple[list[dict], int]:
+    """check(obj) of each non-empty line of a JSONL file. A bad line (bad UTF-8, bad JSON, or `check`
+    raising ValueError) raises ValueError("file:line: field: problem"), or with `skip_bad` is skipped and
+    counted. Returns (checked objects, n_bad)."""
+    out, bad, offset = [], 0, 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             start, offset = offset, offset + len(raw)
             try:
                 line = decode_line(raw, start)
-                if not line.strip():
-                    continue
-                examples.append(check_example(parse_json_line(line)))
+                if line.strip():
+                    out.append(check(parse_json_line(line)))
             except ValueError as e:
                 if not skip_bad:
                     raise ValueError(f"{path}:{n}: {e}") from None
                 bad += 1
-    return examples, bad
+    return out, bad
+
+
+def load_examples(path: str | os.PathLike, skip_bad: bool = False) -> tuple[list[dict], int]:
+    """Examples of a JSONL file (either format), checked line by line (load_checked_lines)."""
+    return load_checked_lines(path, check_example, skip_bad)
 
 
 def write_jsonl(path: str | os.PathLike, examples: list[dict]) -> None:

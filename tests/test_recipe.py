@@ -155,7 +155,7 @@ def test_the_committed_recipes_load_and_the_champion_recipe_rebuilds_each_versio
     registry = Registry(REPO / "models")
     last = champion.pieces[-1]
     named = [p for p in champion.pieces if p.recorded.get("version") in {v.id for v in registry.versions()}]
-    assert last in named and {p.recorded["version"] for p in named} >= {"v9"}
+    assert last in named
     for piece in named:  # every committed version the recipe names: its steps, seed and lr as it was trained
         v = registry.get(piece.recorded["version"])
         tc = v.training["train_config"]
@@ -166,16 +166,22 @@ def test_the_committed_recipes_load_and_the_champion_recipe_rebuilds_each_versio
 
 
 def test_versions_without_lineage_stay_valid_and_the_card_says_what_is_not_recorded(tmp_path):
-    v9 = Registry(REPO / "models").get("v9")  # registered before lineage existed
-    assert v9.lineage == []
-    shown = lineage_rows(v9.lineage, v9.training, v9.kind, v9.parent, v9.id)
-    assert shown["rows"] == [["v9", "sft", "v8", "not recorded", "1,374", "9191", "0.0003", "54 min"]]
+    # the committed registry as it was before lineage existed: the champion's entry without the field
+    data = json.loads((REPO / "models" / "registry.json").read_text())
+    entry = next(v for v in data["versions"] if v["id"] == data["champion"])
+    del entry["lineage"]
+    (tmp_path / "registry.json").write_text(json.dumps(data))
+    old = Registry(tmp_path).get(entry["id"])
+    assert old.lineage == []
+    shown = lineage_rows(old.lineage, old.training, old.kind, old.parent, old.id)
+    tc = old.training["train_config"]
+    assert shown["rows"] == [[old.id, old.kind, old.parent, "not recorded", f"{old.training['steps']:,}",
+                              str(tc["seed"]), f"{tc['lr']:g}", shown["rows"][0][-1]]]
     assert "not recorded" in shown["note"]
     # a malformed lineage is a registry error naming the field
-    data = json.loads((REPO / "models" / "registry.json").read_text())
-    next(v for v in data["versions"] if v["id"] == "v9")["lineage"] = [{"steps": 3}, "x"]
+    entry["lineage"] = [{"steps": 3}, "x"]
     (tmp_path / "registry.json").write_text(json.dumps(data))
-    with pytest.raises(RegistryError, match=r"\(v9\): field 'lineage' \[1\] must be an object"):
+    with pytest.raises(RegistryError, match=rf"\({entry['id']}\): field 'lineage' \[1\] must be an object"):
         Registry(tmp_path).load()
 
 

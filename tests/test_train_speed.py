@@ -1,5 +1,6 @@
 """The fast training loss: the chunked linear + cross-entropy equals the plain one, in value and gradients."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from source.config import model_config
 from source.model import Transformer, chunked_cross_entropy
 
-V9 = Path(__file__).resolve().parents[1] / "models" / "versions" / "v9" / "model.pth"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+CHAMPION = MODELS / "versions" / json.loads((MODELS / "registry.json").read_text())["champion"] / "model.pth"
 
 
 def reference_loss(hidden, weight, targets, token_weights=None):
@@ -101,11 +103,11 @@ def test_model_loss_is_the_loss_of_its_logits(mask_kind):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not V9.is_file(), reason="models/versions/v9 is not in this checkout")
-def test_v9_checkpoint_loss_matches_its_logits():
+@pytest.mark.skipif(not CHAMPION.is_file(), reason="the champion's model.pth is not in this checkout")
+def test_committed_champion_loss_matches_its_logits():
     from source.checkpoint import load_model
 
-    model, _ = load_model(V9)
+    model, _ = load_model(CHAMPION)
     model.eval()
     x = torch.randint(0, model.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
