@@ -216,6 +216,9 @@ class TorchBackend(ChatBackend):
             self._embed = model.embed_tokens.weight.float()
             self._cos, self._sin = model.rope_cos.float(), model.rope_sin.float()
             self.cache = KVCache(cfg, 1, cfg.max_seq_len, dtype=torch.float32, device=device)
+            weights = [p[0] for layer in self._layers for p in (layer[1], layer[2], layer[4], layer[5])]
+            # batched greedy output equals running alone only where the GEMM kernels keep ROW_QUANTUM's premise
+            self.row_exact = dtype == "fp32" and all(gemm_rows_independent(w) for w in weights + [self._lm_head[0]])
         self._tokens: list[int] = []  # the ids whose K/V the cache holds (a new prompt reuses their prefix)
         self._prompted = 0  # how many of them came from a prompt (prefill), not from decode
         self.cached_tokens = 0  # of the last prompt, reused from the one before
@@ -363,6 +366,16 @@ class TorchBackend(ChatBackend):
             return lin(x, w)
         dec = F.linear(x[:nd], w) if nd == 1 else torch.bmm(x[:nd, None], w.t().expand(nd, *w.t().shape))[:, 0]
         return dec if nd == len(x) else torch.cat([dec, lin(x[nd:], w)])
+
+
+def gemm_rows_independent(w: torch.Tensor) -> bool:
+    """Whether this machine's GEMM gives a row the same sums among 4 rows as among 8, 12 or 16 (the premise
+    of ROW_QUANTUM). It held on the AVX-512 host the batching was built on; an Intel host with MKL 2024.2
+    rounds 4-row and 8-row GEMMs of most of these widths differently, and there a batched request's
+    greedy tokens can differ from the same request alone."""
+    x = torch.randn(16, w.shape[1], generator=torch.Generator().manual_seed(0), dtype=w.dtype)
+    ref = F.linear(x[:4], w)
+    return all(torch.equal(F.linear(x[:m], w)[:4], ref) for m in (8, 12, 16))
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
