@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
@@ -216,14 +217,18 @@ class TorchBackend(ChatBackend):
             self._embed = model.embed_tokens.weight.float()
             self._cos, self._sin = model.rope_cos.float(), model.rope_sin.float()
             self.cache = KVCache(cfg, 1, cfg.max_seq_len, dtype=torch.float32, device=device)
-            weights = [p[0] for layer in self._layers for p in (layer[1], layer[2], layer[4], layer[5])]
-            # batched greedy output equals running alone only where the GEMM kernels keep ROW_QUANTUM's premise
-            self.row_exact = dtype == "fp32" and all(gemm_rows_independent(w) for w in weights + [self._lm_head[0]])
         self._tokens: list[int] = []  # the ids whose K/V the cache holds (a new prompt reuses their prefix)
         self._prompted = 0  # how many of them came from a prompt (prefill), not from decode
         self.cached_tokens = 0  # of the last prompt, reused from the one before
         self._shape = (H, KV, hd, H // KV, cfg.ffn_hidden, cfg.norm_eps)
         self._step = torch.compile(self.forward_rows, dynamic=True) if compile else self.forward_rows
+
+    @cached_property
+    def row_exact(self) -> bool:
+        """Whether batched greedy output equals running alone here: fp32, and this machine's GEMM kernels keep
+        ROW_QUANTUM's premise for every weight (measured on first use, not at load)."""
+        weights = [p[0] for layer in self._layers for p in (layer[1], layer[2], layer[4], layer[5])]
+        return self.dtype == "fp32" and all(gemm_rows_independent(w) for w in weights + [self._lm_head[0]])
 
     @classmethod
     def load(cls, model_path: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu",

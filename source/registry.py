@@ -37,7 +37,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 CHAMPION_RULE = ("highest natural_site_correct (hand-written questions through the site) wins; ties, and "
                  "versions without it, are ranked by highest grounded_qa, then by lowest val_bpb; a version with "
                  "none of them is never picked; a full tie keeps the older version")
-RANKED = ("natural_site_correct", "grounded_qa", "val_bpb")  # in CHAMPION_RULE's order; val_bpb: lower is better
+RANKED = {"natural_site_correct": "highest", "grounded_qa": "highest", "val_bpb": "lowest"}  # CHAMPION_RULE's order
 _ID = re.compile(r"v([1-9][0-9]*)")
 LOCK_NAME = ".registry.lock"
 
@@ -66,10 +66,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-
-def _figures(v: Version) -> str:
-    return ", ".join(f"{m} {_fmt(v.metric(m))}" for m in RANKED)
 
 
 def _fmt(x: float | None) -> str:
@@ -332,23 +328,23 @@ class Registry:
 
         def key(v: Version) -> tuple:
             out: tuple = ()
-            for m in RANKED:
-                value = v.metric(m)
-                out += (value is None, (value or 0) if m == "val_bpb" else -(value or 0))
+            for m, best in RANKED.items():
+                value = v.metric(m) or 0
+                out += (v.metric(m) is None, value if best == "lowest" else -value)
             return out + (v.number,)
 
         ranked = sorted(cands, key=key)
         w, r = ranked[0], ranked[1] if len(ranked) > 1 else None
         if r is None:
-            return w.id, f"{w.id} is the only candidate ({_figures(w)})" + note
-        for m in RANKED:
+            figures = ", ".join(f"{m} {_fmt(w.metric(m))}" for m in RANKED)
+            return w.id, f"{w.id} is the only candidate ({figures})" + note
+        ties: list[str] = []  # the metrics before the deciding one; w lacks one only when every candidate does
+        for m, best in RANKED.items():
             if w.metric(m) is not None and w.metric(m) != r.metric(m):
-                best = "lowest" if m == "val_bpb" else "highest"
-                ties = [f"{t} tie at {_fmt(w.metric(t))}" if w.metric(t) is not None else f"no version has {t}"
-                        for t in RANKED[:RANKED.index(m)]]  # w lacks one only when every candidate does
                 lead = "; ".join(ties) + ("; " if ties else "")
                 return w.id, f"{lead}{w.id} has the {best} {m} {_fmt(w.metric(m))} (next: {r.id} with " \
                              f"{_fmt(r.metric(m))})" + note
+            ties.append(f"{m} tie at {_fmt(w.metric(m))}" if w.metric(m) is not None else f"no version has {m}")
         return w.id, f"{w.id} and {r.id} tie on {', '.join(RANKED)}; the older version {w.id} is kept" + note
 
     def remove(self, ref: str, force: bool = False) -> Version:

@@ -179,15 +179,12 @@ def question_key(text: str) -> str:
 
 def natural_questions(path: Path = NATURAL_SET) -> set[str]:
     """The evaluation set's questions and history turns (question_key form): never asked in training."""
+    from source.natural_eval import load_items
+
     if not path.is_file():
         return set()
-    out = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            item = json.loads(line)
-            out |= {question_key(item["question"])} | {question_key(t["content"]) for t in item.get("history", [])
-                                                        if t.get("role") == "user"}
-    return out
+    return {question_key(t) for item in load_items(path)
+            for t in [item["question"]] + [m["content"] for m in item["history"] if m["role"] == "user"]}
 
 
 def generate_examples(data_dir, index_path, seed: int = 0, limits: dict | None = None, tokenizer=None,

@@ -40,7 +40,7 @@ REQUESTS = {
 }
 _VERB_END = {"ies": "y", "sses": "ss", "shes": "sh", "ches": "ch", "xes": "x", "zes": "z"}
 _CLAUSE_CUT = re.compile(r"\s*(?:[;:(]|,\s|\s-\s|\s(?:if|unless|where|using|as|when|and return|and raise)\s)")
-_NOT_VERB = {"a", "an", "the", "this", "that", "these", "it", "if", "for", "when", "an", "new", "internal",
+_NOT_VERB = {"a", "an", "the", "this", "that", "these", "it", "if", "for", "when", "new", "internal",
              "deprecated", "alias", "same", "like", "base", "abstract", "helper", "convenience", "utility",
              "default", "class", "function", "method", "module", "simple", "private", "common", "generic"}
 

@@ -3,9 +3,9 @@
 A builder takes a record and the text of its gold passage (chunk 0, clipped as the model will see
 it) and returns {"entity", "qa": [(question, answer), ...], "span", "answer", "ask", "subjects"}, or
 None when the passage has nothing short and quotable; source.sft_phrasing asks the same answer in
-the other ways people ask (`ask` is the kind of record, `subjects` the names people use for it). Answers are built only from `span`, a verbatim piece of the passage,
-so the model learns to copy from its sources; `cite` adds the marker later, once the gold's
-position in the context is known. Also here: which records to sample (`candidates`), how a QA
+the other ways people ask (`ask` is the kind of record, `subjects` the names people use for it).
+Answers are built only from `span`, a verbatim piece of the passage, so the model learns to copy from
+its sources; `cite` adds the marker later, once the gold's position in the context is known. Also here: which records to sample (`candidates`), how a QA
 example's passages are picked (`grounded_context`, `no_answer_context`) and chit-chat windows.
 Kept apart from sft_data.py so that file reads as the pipeline.
 """
@@ -84,12 +84,22 @@ _SENTENCE_START = set("In When If On For There It It's What Do Not Yet Using Giv
 
 def _title_counts(records: list) -> Counter:
     """Title -> how many records have it, for one source's list (cached: one source at a time)."""
-    if _TITLE_COUNTS[0] is not records:
-        _TITLE_COUNTS[:] = [records, Counter(r["title"] for r in records)]
-    return _TITLE_COUNTS[1]
+    return _record_counts(records)[0]
 
 
-_TITLE_COUNTS: list = [None, Counter()]
+def _last_part_counts(records: list) -> Counter:
+    """Last dotted part of a title ('zfill' of 'builtins.str.zfill') -> how many records end with it."""
+    return _record_counts(records)[1]
+
+
+def _record_counts(records: list) -> tuple[Counter, Counter]:
+    if _COUNTS[0] is not records:
+        _COUNTS[:] = [records, (Counter(r["title"] for r in records),
+                                Counter(r["title"].rsplit(".", 1)[-1] for r in records))]
+    return _COUNTS[1]
+
+
+_COUNTS: list = [None, (Counter(), Counter())]
 
 
 def _is_sentence(s: str) -> bool:
@@ -157,14 +167,6 @@ def api_names(name: str, records: list) -> list[str]:
         out.append(parts[-1])
     return out
 
-
-def _last_part_counts(records: list) -> Counter:
-    if _LAST_PARTS[0] is not records:
-        _LAST_PARTS[:] = [records, Counter(r["title"].rsplit(".", 1)[-1] for r in records)]
-    return _LAST_PARTS[1]
-
-
-_LAST_PARTS: list = [None, Counter()]
 
 
 def qa_pydoc_topic(rec: dict, text: str, records: list, rng: random.Random) -> dict | None:
