@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from builder.site import SITE_DTYPE, SITE_DTYPES
+
 HELD_OUT_LIMIT = 200
 
 
@@ -91,8 +93,8 @@ def print_held_out(report: dict) -> None:
               help="Export folder for --via onnx.")
 @click.option("--site", "site_dir", default="dist/pages", show_default=True, type=click.Path(path_type=Path),
               help="Built site folder for --via site.")
-@click.option("--dtype", type=click.Choice(["q8", "fp32"]), default="q8", show_default=True,
-              help="ONNX file for --via onnx and site: the int8 file the site ships, or the fp32 one.")
+@click.option("--dtype", type=click.Choice(list(SITE_DTYPES)), default=SITE_DTYPE, show_default=True,
+              help="ONNX file for --via onnx and site [default: the one the site ships].")
 @click.option("--held-out/--no-held-out", "held_out", default=None,
               help="Also run the template held-out report [default: only without --questions].")
 @click.option("--limit", type=click.IntRange(min=1), default=None,

@@ -6,7 +6,7 @@ Design choices:
   the passages shown. Nothing here builds a prompt.
 - torch: `TorchBackend` over the .pth (fp32, CPU) + `runtime_python.chat.generate_stream` + the
   retrieval index: what `supermix ask -t 0` does.
-- onnx: `OnnxBackend` over the export's `onnx/model_quantized.onnx` (the int8 file the site ships)
+- onnx: `OnnxBackend` over the export's ONNX file the site ships (`builder.site.SITE_DTYPE`, or `dtype`)
   + the same `generate_stream`, searching the export's copy of the index (the files the site
   serves), so onnx vs site isolates the runtime (onnxruntime vs onnxruntime-web + transformers.js).
 - site: the built site folder served by `python -m http.server` on 127.0.0.1, opened in
@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from builder.site import SITE_DTYPE
 from source.files import sha256_file
 from source.natural_eval import METRICS, aggregate, agreement, load_items, score_item
 
@@ -143,7 +144,7 @@ def torch_path(model_spec: str | None, root: Path, tokenizer_dir: Path | None, i
 
 
 def onnx_path(export_dir: Path, items: list[dict], max_new_tokens: int,
-              progress: bool = True, dtype: str = "q8") -> dict:
+              progress: bool = True, dtype: str = SITE_DTYPE) -> dict:
     from runtime_python.onnx_backend import OnnxBackend
 
     weights = export_dir / onnx_file(dtype)
@@ -212,7 +213,7 @@ def _wait(page, expr: str, timeout: float):
 
 
 def site_path(site_dir: Path, items: list[dict], max_new_tokens: int, progress: bool = True,
-              chromium: Path = CHROMIUM, dtype: str = "q8") -> dict:
+              chromium: Path = CHROMIUM, dtype: str = SITE_DTYPE) -> dict:
     from tqdm import tqdm
 
     model = site_dir / "models" / "supermix" / onnx_file(dtype)
@@ -286,7 +287,7 @@ def evaluate_natural(questions: Path, via: list[str], *, model_spec: str | None 
                      tokenizer_dir: Path | None = None, index_path: Path = Path("datasets/built/index"),
                      export_dir: Path = Path("dist/export"), site_dir: Path = Path("dist/pages"),
                      limit: int | None = None, sample: int | None = None,
-                     seed: int = 0, max_new_tokens: int | None = None, progress: bool = True, dtype: str = "q8") -> dict:
+                     seed: int = 0, max_new_tokens: int | None = None, progress: bool = True, dtype: str = SITE_DTYPE) -> dict:
     """Score the questions through each path in `via`; the report described in the module docstring.
     Raises ItemError (bad JSONL line) or EvalSetupError (a missing input)."""
     from runtime_python.generation import GenerationConfig

@@ -30,6 +30,7 @@ from typing import Callable
 
 import click
 
+from builder.site import SITE_DTYPE, SITE_DTYPES
 from source.files import atomic_write_bytes, replace_dir, sha256_file
 
 
@@ -114,13 +115,13 @@ class Release:
         return digest(RECIPE, {k: v for k, v in asdict(self.p).items() if k not in NOT_TRAINING})
 
     def natural_inputs(self) -> str:
-        """What the champion's natural figures are keyed by: the model, the shipped int8 file, the page's
+        """What the champion's natural figures are keyed by: the model, the ONNX file the site ships, the page's
         code, the questions and the retrieval index (its files and ranking settings, not when or from
         which folder it was built; the corpus check makes a clean clone's index the committed one)."""
         web = sorted(p for p in Path("web_static").glob("*") if p.is_file())
         meta = json.loads((INDEX / "meta.json").read_text())
         ranking = {k: v for k, v in meta.items() if k not in ("created", "data_dir", "manifest_sha256")}
-        return digest(self.champion_dir() / "model.pth", self.export / "onnx" / "model_quantized.onnx", QUESTIONS,
+        return digest(self.champion_dir() / "model.pth", self.export / SITE_DTYPES[SITE_DTYPE], QUESTIONS,
                       *web, self.p.natural_sample, ranking, *(INDEX / part for part in ("docs.bin", "terms", "keys", "text")))
 
     def lock(self) -> dict | None:

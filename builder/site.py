@@ -36,7 +36,12 @@ ORT_FILES = ("ort-wasm-simd-threaded.asyncify.wasm", "ort-wasm-simd-threaded.asy
 SKIP_STATIC = {"node_modules", "package.json", "package-lock.json"}
 EXPORT_SKIP = {"model.safetensors", "tokenizer.model", "onnx/model_q4.onnx", "onnx/model_gqa_quantized.onnx",
                "README.md"}  # the gqa file prefills slower in onnxruntime-web than the portable one
-EXPORT_REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json", "onnx/model_quantized.onnx")
+# The weights a visitor gets unless they pick others (`?dtype=`): fp32, chosen in the browser by measurement
+# (docs/pages/decisions.md): it decodes as fast as the int8 file in onnxruntime-web and gives exactly the
+# `.pth`'s greedy tokens, where wasm's int8 kernels round differently from native onnxruntime's
+SITE_DTYPE = "fp32"
+SITE_DTYPES = {"fp32": "onnx/model.onnx", "q8": "onnx/model_quantized.onnx"}  # transformers.js dtype -> file
+EXPORT_REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json", *SITE_DTYPES.values())
 _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -83,7 +88,7 @@ def runtime_settings() -> dict:
 
     gen = GenerationConfig()
     return {"system_prompt": DEFAULT_SYSTEM_PROMPT, "passage_chars": PASSAGE_CHARS,
-            "min_passage_chars": MIN_PASSAGE_CHARS, "k": 3,
+            "min_passage_chars": MIN_PASSAGE_CHARS, "k": 3, "dtype": SITE_DTYPE,
             "end_tokens": [CONTROL_TOKENS[2], CONTROL_TOKENS[1], *CHAT_TOKENS],  # </s>, <s>, chat-role tokens
             "generation": {"temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens}}
 

@@ -2,7 +2,7 @@
 // scrolling never wait for a token. `window.supermix` exposes the state for tests and benchmarks.
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const dtype = ["q8", "fp32"].includes(params.get("dtype")) ? params.get("dtype") : "q8";
+const dtype = ["q8", "fp32"].includes(params.get("dtype")) ? params.get("dtype") : null;  // null: site.json's
 await isolate();
 const worker = new Worker("worker.js", { type: "module" });
 const history = [];  // {role, content}: what the next request sends
@@ -10,7 +10,7 @@ const files = new Map();  // download progress per file
 let busy = false, current = null, nextId = 1;
 const app = window.supermix = { ready: false, replies: [], errors: [], renderReply, startConversation, loadMs: null };
 
-$("dtype").value = dtype;
+if (dtype) $("dtype").value = dtype;
 $("dtype").addEventListener("change", () => {  // a different file: reload with the new query parameter
   params.set("dtype", $("dtype").value);
   location.search = params.toString();
@@ -124,6 +124,7 @@ worker.onmessage = ({ data }) => {
     $("loader").hidden = true;
     if (!data.retrieval) { $("retrieval").checked = false; $("retrieval").disabled = true; }
     app.threads = data.threads;
+    app.dtype = $("dtype").value = data.dtype;
     app.isolated = data.isolated;
     setStatus(`Ready: ${data.site.model_version || "model"} (${data.dtype}, ${data.threads === 1 ? "1 thread" : `${data.threads} threads`}), loaded in ${(data.load_ms / 1000).toFixed(1)} s.`);
     setBusy(false);

@@ -66,6 +66,7 @@ async function load(dtype, search = "") {
   env.backends.onnx.wasm.numThreads = mode.threads;
   const t0 = performance.now();
   site = await siteConfig();
+  dtype = dtype || site.dtype;  // the page's ?dtype=, else the weights the site ships by default
   CACHE = `supermix-files-${site.cache_key}`;
   env.cacheKey = `supermix-model-${site.cache_key}`;
   if (typeof caches !== "undefined") {  // drop the caches of earlier deployments
@@ -199,7 +200,7 @@ async function generate({ id, messages, settings }) {
 self.onmessage = async ({ data }) => {
   if (data.type === "stop") { stopping.interrupt(); return; }
   try {
-    if (data.type === "load") await load(data.dtype || "q8", data.search);
+    if (data.type === "load") await load(data.dtype, data.search);
     else if (data.type === "generate") await generate(data);
   } catch (e) {
     post({ type: "error", id: data.id, message: String(e?.message || e) });
