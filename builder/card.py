@@ -138,12 +138,19 @@ def _log_summary(records: list[dict]) -> dict:
             if train and src in train[-1]}
 
 
-def plot_loss(folder: Path, png: Path) -> bool:
+def phase_name(kind: str) -> str:
+    """What a version's own training run was, by its registry kind."""
+    return {"pretrain": "pretraining", "dpo": "preference tuning"}.get(kind, "fine-tuning")
+
+
+def plot_loss(folder: Path, png: Path, kind: str = "sft") -> bool:
     """Training (and, for a fine-tune, pretraining) loss against step, one continuous x axis; False (no PNG)
-    when the version keeps no training logs."""
-    phases = [(name, read_metrics(folder / log)) for name, log in (("pretraining", PRETRAIN_LOG),
-                                                                   ("fine-tuning", TRAINING_LOG))
-              if (folder / log).is_file()]
+    when the version keeps no training logs. A DPO version plots its own run alone: its loss is the
+    preference loss (ln 2 at the start), not a cross-entropy to put on the pretraining's axis."""
+    logs = [(phase_name(kind), TRAINING_LOG)]
+    if kind != "dpo":
+        logs.insert(0, ("pretraining", PRETRAIN_LOG))
+    phases = [(name, read_metrics(folder / log)) for name, log in logs if (folder / log).is_file()]
     phases = [(n, recs) for n, recs in phases if any("loss" in r or "val_loss" in r for r in recs)]
     if not phases:
         return False
@@ -154,7 +161,7 @@ def plot_loss(folder: Path, png: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     offset = 0
     for i, (name, recs) in enumerate(phases):
-        label = name if len(phases) > 1 else "training"
+        label = name if len(phases) > 1 or kind == "dpo" else "training"
         train = [(offset + r["step"], r["loss"]) for r in recs if "loss" in r and "step" in r]
         val = [(offset + r["step"], r["val_loss"]) for r in recs if "val_loss" in r and "step" in r]
         if train:
@@ -165,8 +172,8 @@ def plot_loss(folder: Path, png: Path) -> bool:
         if i + 1 < len(phases):
             ax.axvline(last, color="grey", lw=0.8, ls=":")
         offset = last
-    ax.set_xlabel("step" + (" (pretraining, then fine-tuning)" if len(phases) > 1 else ""))
-    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_xlabel("step" + (f" ({', then '.join(name for name, _ in phases)})" if len(phases) > 1 else ""))
+    ax.set_ylabel("DPO loss, -ln sigmoid(reward margin)" if kind == "dpo" else "cross-entropy loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -241,7 +248,7 @@ def _training_rows(v: Version, folder: Path) -> list[tuple[str, str]]:
             x for x in (f"{pre['steps']:,} steps" if "steps" in pre else "",
                         f"{pre['tokens']:,} tokens" if "tokens" in pre else "",
                         _duration(pre["seconds"]) if "seconds" in pre else "") if x)))
-    phase = "fine-tuning" if v.kind != "pretrain" else "pretraining"
+    phase = phase_name(v.kind)
     if "steps" in t:
         rows.append((f"{phase} steps", f"{t['steps']:,}"))
     if "tokens" in t:
@@ -393,7 +400,7 @@ def write_card(registry: Registry, ref: str, out: Path, export_dir: Path | None 
 
     ctx = card_context(registry, ref, export_dir, dataset_manifest)
     png = out.parent / LOSS_PNG
-    if plot_loss(registry.root / "versions" / ctx["v"].id, png):
+    if plot_loss(registry.root / "versions" / ctx["v"].id, png, ctx["v"].kind):
         ctx["loss_png"] = LOSS_PNG
     atomic_write_bytes(out, render_card(ctx).encode("utf-8"))
     return out, png if ctx["loss_png"] else None

@@ -88,7 +88,7 @@ def print_held_out(report: dict) -> None:
               help="Natural questions (datasets/eval/README.md) to score through the --via paths.")
 @click.option("--via", default="torch", show_default=True,
               help="With --questions: paths to run, comma-separated: torch (the .pth, as `supermix ask -t 0`), "
-                   "onnx (--export's int8 file), site (--site in headless Chromium).")
+                   "onnx (--export, the file --dtype names), site (--site in headless Chromium).")
 @click.option("--export", "export_dir", default="dist/export", show_default=True, type=click.Path(path_type=Path),
               help="Export folder for --via onnx.")
 @click.option("--site", "site_dir", default="dist/pages", show_default=True, type=click.Path(path_type=Path),

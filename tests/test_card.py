@@ -132,3 +132,34 @@ def test_a_bad_export_manifest_is_a_clear_error(registry, tmp_path):
     result = CliRunner().invoke(main, ["card", "--root", str(reg.root), "--export", str(tmp_path),
                                        "--out", str(tmp_path / "c.md")])
     assert result.exit_code == 1 and "field 'format'" in result.output and "Traceback" not in result.output
+
+
+def test_a_dpo_version_names_its_run_preference_tuning(registry, tiny_workspace, tmp_path):
+    """A DPO version's own run is "preference tuning" in the card, and its curve is that run alone."""
+    import torch
+
+    from builder.card import phase_name, plot_loss
+    from source.run_logs import PRETRAIN_LOG, TRAINING_LOG
+
+    reg, root = registry
+    run = root / "runs" / "dpo"
+    run.mkdir(parents=True)
+    ckpt = torch.load(root / "runs" / "sft" / "model.pth", weights_only=True)
+    torch.save({**ckpt, "kind": "dpo"}, run / "model.pth")
+    (run / "run.json").write_text((root / "runs" / "sft" / "run.json").read_text())
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 10, "loss": 0.69, "tokens": 800, "elapsed": 2.0, "margin": 0.0},
+        {"step": 20, "loss": 0.52, "tokens": 1600, "elapsed": 4.0, "margin": 0.4}]))
+    v = reg.add(run / "model.pth", tiny_workspace["tokenizer"], parent="v2")
+    assert v.kind == "dpo" and phase_name(v.kind) == "preference tuning"
+    out = tmp_path / "card" / "README.md"
+    result = CliRunner().invoke(main, ["card", "--model", v.id, "--root", str(reg.root), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "| preference tuning steps |" in text and "| fine-tuning steps |" not in text
+    # the curve: the DPO run's own log only (its loss is not a cross-entropy on the pretraining's axis)
+    folder = reg.root / "versions" / v.id
+    assert (folder / PRETRAIN_LOG).is_file()  # kept for the card's "base run" row, not plotted
+    assert plot_loss(folder, tmp_path / "dpo.png", "dpo")
+    (folder / TRAINING_LOG).unlink()
+    assert not plot_loss(folder, tmp_path / "none.png", "dpo")  # the pretraining log alone is not plotted
