@@ -24,7 +24,7 @@ import click
 @click.option("--preset", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "blueprint-700m"]),
               help="Training preset (DPO_PRESETS in source/dpo.py).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a TrainConfig field or beta / mine_tokens, e.g. --set beta=0.1 --set lr=2e-5.")
+              help="Override a TrainConfig field or beta / mine_tokens / chosen_nll, e.g. --set beta=0.1 --set lr=2e-5.")
 @click.option("--skip-bad", is_flag=True, help="Skip and count bad lines in --pairs files instead of failing.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-log lines.")
@@ -106,7 +106,8 @@ def dpo(base: Path, out_dir: Path | None, pair_files: tuple[Path, ...], mine: in
 
     try:
         result = train(ModelConfig(**base_ckpt["config"]), tcfg, data, out_dir, tokenizer_sha256=tok.sha256, kind="dpo",
-                       resume=resume, init_from=base, progress=not quiet, on_log=on_log, loss_fn=make_loss_fn(dcfg.beta),
+                       resume=resume, init_from=base, progress=not quiet, on_log=on_log,
+                       loss_fn=make_loss_fn(dcfg.beta, dcfg.chosen_nll),
                        metadata={"parent_checkpoint": str(base), "parent_sha256": base_sha, "preset": preset,
                                  "base_step": base_ckpt.get("step"), "dpo": asdict(dcfg), "pairs": sources})
     except (FileNotFoundError, CheckpointError) as exc:

@@ -34,13 +34,17 @@ import torch.nn.functional as F
 from source.config import TrainConfig, apply_overrides, check_fields
 from source.sft_format import check_example, load_checked_lines
 
-DPO_RULES = {"beta": (float, 0.0, 100.0, "(]"), "mine_tokens": (int, 1, 4096, "[]")}
+DPO_RULES = {"beta": (float, 0.0, 100.0, "(]"), "mine_tokens": (int, 1, 4096, "[]"), "chosen_nll": (float, 0.0, 100.0, "[]")}
 
 
 @dataclass
 class DPOConfig:
     beta: float = 0.1  # strength of the pull towards the reference: lower lets the policy move further
     mine_tokens: int = 96  # longest greedy answer generated when mining pairs
+    # weight of the chosen replies' own NLL (per token) added to the DPO loss (RPO, Pang et al., 2024). Sigmoid
+    # DPO only widens the margin, and lowering both replies does that too: on mined pairs, most of whose
+    # chosen replies are quoted answers, it moved probability into refusals (docs/pages/decisions.md)
+    chosen_nll: float = 1.0
 
     def __post_init__(self) -> None:
         check_fields(self, DPO_RULES)
@@ -222,23 +226,28 @@ def reference_logps(model: torch.nn.Module, data: PairBatches, batch_size: int =
     model.train(was_training)
 
 
-def dpo_loss(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sigmoid DPO over 2B rows (chosen then rejected): (mean loss, reward stats)."""
+def dpo_loss(policy: torch.Tensor, ref: torch.Tensor, beta: float, chosen_nll: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sigmoid DPO over 2B rows (chosen then rejected), plus `chosen_nll` x the chosen replies' mean
+    per-token NLL (needs `chosen_tokens`, the supervised tokens per chosen row): (mean loss, stats)."""
     half = policy.size(0) // 2
     rewards = beta * (policy - ref)
     margin = rewards[:half] - rewards[half:]
     loss = -F.logsigmoid(margin).mean()
     stats = {"margin": margin.mean(), "accuracy": (margin > 0).float().mean(),
              "chosen_reward": rewards[:half].mean(), "rejected_reward": rewards[half:].mean()}
+    if chosen_nll:
+        nll = (-policy[:half] / chosen_tokens.clamp(min=1)).mean()
+        loss, stats["chosen_nll"] = loss + chosen_nll * nll, nll
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-def make_loss_fn(beta: float) -> Callable[[torch.nn.Module, tuple, torch.device], tuple]:
+def make_loss_fn(beta: float, chosen_nll: float = 0.0) -> Callable[[torch.nn.Module, tuple, torch.device], tuple]:
     """The `loss_fn` source.train.train calls with each (x, y, mask, ref) batch."""
     def loss_fn(model: torch.nn.Module, batch: tuple, device: torch.device) -> tuple:
         x, y, mask, ref = (t.to(device) for t in batch)
         logits, _ = model(x)
-        return dpo_loss(sequence_logps(logits, y, mask), ref, beta)
+        return dpo_loss(sequence_logps(logits, y, mask), ref, beta, chosen_nll, mask[:mask.size(0) // 2].sum(-1))
     return loss_fn
 
 

@@ -60,7 +60,7 @@ def test_preference_file_moves_the_policy_towards_chosen(tiny_workspace, sft_mod
     prefs = write_jsonl(tmp_path / "prefs.jsonl", preference_pairs())
     out = tmp_path / "dpo"
     r = dpo(tiny_workspace, sft_model, out, "--pairs", str(prefs), "--set", "max_steps=12", "--set", "log_every=1",
-            "--set", "beta=0.1")
+            "--set", "beta=0.1", "--set", "chosen_nll=0")  # pure DPO: its loss at the reference is ln 2
     assert r.exit_code == 0, r.output
     assert "reward margin" in r.output and "accuracy" in r.output
     logged = [m for m in metrics(out) if "margin" in m]
@@ -85,6 +85,7 @@ def test_preference_file_moves_the_policy_towards_chosen(tiny_workspace, sft_mod
 
     # a normal checkpoint: kind "dpo", its parent recorded, and the registry takes it
     assert ckpt["kind"] == "dpo" and ckpt["parent_checkpoint"] == str(sft_model) and ckpt["dpo"]["beta"] == 0.1
+    assert ckpt["dpo"]["chosen_nll"] == 0.0
     r = CliRunner().invoke(builder_main, ["models", "--root", str(tmp_path / "models"), "add", str(out / "model.pth"),
                                           "--tokenizer", str(tiny_workspace["tokenizer"])])
     assert r.exit_code == 0 and "(dpo," in r.output, r.output
@@ -122,6 +123,20 @@ def test_a_bad_preference_line_names_file_line_and_field(tiny_workspace, sft_mod
     assert read_checkpoint(tmp_path / "out" / "model.pth")["pairs"][str(path)] == {"pairs": 2, "skipped_bad": 1}
     r = dpo(tiny_workspace, sft_model, tmp_path / "out2")
     assert r.exit_code != 0 and "--pairs FILE and/or --mine N" in r.output
+
+
+def test_chosen_nll_adds_the_chosen_replies_per_token_nll():
+    import torch
+
+    from source.dpo import dpo_loss
+
+    policy, ref = torch.tensor([-4.0, -9.0, -6.0, -5.0]), torch.tensor([-5.0, -8.0, -6.0, -6.0])  # 2 chosen, 2 rejected
+    tokens = torch.tensor([2.0, 3.0])
+    plain, stats = dpo_loss(policy, ref, 0.1)
+    assert "chosen_nll" not in stats
+    both, stats = dpo_loss(policy, ref, 0.1, chosen_nll=0.5, chosen_tokens=tokens)
+    nll = (4.0 / 2 + 9.0 / 3) / 2  # the chosen rows' mean NLL per supervised token
+    assert torch.isclose(stats["chosen_nll"], torch.tensor(nll)) and torch.isclose(both, plain + 0.5 * nll)
 
 
 def test_mined_pair_rule():
