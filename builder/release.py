@@ -255,7 +255,7 @@ def _corpus(r: Release) -> None:
 
 
 def _natural(r: Release) -> None:
-    """The champion's natural questions through torch, the int8 ONNX file and the site in Chromium, once per
+    """The champion's natural questions through torch, the ONNX file the site ships and the site in Chromium, once per
     champion (stored beside it, keyed by `natural_inputs`); a cached release re-asks SITE_CHECK of them
     through the site and compares the replies with the stored ones."""
     if not QUESTIONS.is_file():
