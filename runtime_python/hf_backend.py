@@ -42,7 +42,7 @@ class HFBackend:
 
         folder = Path(folder)
         if dtype not in TORCH_DTYPES:
-            raise ValueError(f"a Hugging Face model runs in {' or '.join(TORCH_DTYPES)}, not {dtype!r}")
+            raise ValueError(f"--dtype {dtype} is not available for a Hugging Face model ({' or '.join(TORCH_DTYPES)})")
         self.tokenizer = HFTokenizer.load(folder)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{folder / 'tokenizer_config.json'}: no chat_template (and no chat_template.jinja), so "

@@ -183,7 +183,8 @@ def test_supermix_refuses_what_it_cannot_run(folders, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     runs = {"no chat_template": ["--model", str(folder)],
             "--tokenizer is for a .pth model": ["--model", str(folders["qwen2"]), "--tokenizer", str(tmp_path)],
-            "runs in fp32 or bf16, not 'int8'": ["--model", str(folders["qwen2"]), "--dtype", "int8"]}
+            "--dtype int8 is not available for a Hugging Face model (fp32 or bf16)":
+                ["--model", str(folders["qwen2"]), "--dtype", "int8"]}
     for message, args in runs.items():
         result = CliRunner().invoke(supermix, ["ask", "hi", "--no-retrieval", *args])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
