@@ -48,7 +48,7 @@ class HFBackend:
             raise ValueError(f"{folder / 'tokenizer_config.json'}: no chat_template (and no chat_template.jinja), so "
                              "there is no way to lay out a chat for this model")
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, torch_dtype=TORCH_DTYPES[dtype])
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=TORCH_DTYPES[dtype])
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"{folder}: transformers cannot load it as a causal LM: {exc}") from None
         self.model = model.to(device).eval()

@@ -145,7 +145,7 @@ def _reference(folder, messages, max_new_tokens):
     backend = HFBackend(folder)
     tok, window = backend.tokenizer, backend.max_seq_len
     ids = build_prompt(tok, messages, [], DEFAULT_SYSTEM_PROMPT, max_new_tokens, window).ids
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          do_sample=False, max_new_tokens=max_new_tokens)[0, len(ids):].tolist()
     ends = {tok.eos_id, tok.bos_id, *tok.special_ids.values()}
@@ -191,3 +191,21 @@ def test_supermix_refuses_what_it_cannot_run(folders, tmp_path):
     # a base without a chat template still imports (fine-tuning can give it one); the entry says so
     imported = base_cli(tmp_path / "models", "import", str(folder))
     assert imported.exit_code == 0 and "chat template: none" in imported.output
+
+
+def test_the_openai_api_serves_an_hf_model(folders):
+    """`supermix serve --model HF_FOLDER`: the chat API gives the same greedy reply, streamed or not."""
+    pytest.importorskip("openai")
+    from test_server import ServerThread, client
+
+    from runtime_python.server import create_app
+
+    backend, _, _, reply = _reference(folders["qwen2"], [{"role": "user", "content": QUESTION}], 20)
+    with ServerThread(create_app(backend, None)) as server:
+        oc = client(server)
+        messages = [{"role": "user", "content": QUESTION}]
+        resp = oc.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=20, logprobs=True)
+        assert resp.choices[0].message.content == backend.tokenizer.decode(reply)
+        assert resp.model == "qwen2" and len(resp.choices[0].logprobs.content) == len(reply)
+        stream = oc.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=20, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == backend.tokenizer.decode(reply)
