@@ -9,6 +9,7 @@
     builder dpo                   preference tuning (DPO) on user or mined pairs
     builder eval                  bits-per-byte, grounded QA, refusals, samples
     builder models ...            versioned registry and the champion
+    builder base ...              import a pretrained Hugging Face model to build on
     builder export                HF folder + ONNX (KV cache) + int8/q4 + manifest, behind parity gates
     builder card | site | docs    model card, the in-browser chat site, the mkdocs site
     builder release               all of the above, each stage cached by input hashes
@@ -16,6 +17,7 @@
 
 import click
 
+from builder.base_cmd import base
 from builder.card_cmd import card
 from builder.data_cmd import data
 from builder.docs_cmd import docs
@@ -60,6 +62,7 @@ main.add_command(sft_data)
 main.add_command(dpo)
 main.add_command(eval_)
 main.add_command(models)
+main.add_command(base)
 main.add_command(site)
 main.add_command(export)
 main.add_command(card)

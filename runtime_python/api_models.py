@@ -203,7 +203,8 @@ def check_completion(req: CompletionRequest, tokenizer: Any, context: int,
         if len(prompt) > MAX_CHARS:
             raise ApiError(400, f"prompt is too long: {len(prompt)} characters > {MAX_CHARS}", "prompt",
                            "context_length_exceeded")
-        ids, text = [tokenizer.bos_id, *tokenizer.encode(prompt)], prompt
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # some HF tokenizers have no BOS
+        ids, text = [*bos, *tokenizer.encode(prompt)], prompt
     else:  # token ids, as they are
         if not prompt or not all(0 <= i < tokenizer.vocab_size for i in prompt):
             raise ApiError(400, f"prompt: token ids must be in [0, {tokenizer.vocab_size})", "prompt")

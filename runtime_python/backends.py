@@ -28,6 +28,7 @@ Design choices:
   tokenizer raises a ValueError that names both, instead of generating garbage.
 - OnnxBackend lives in `runtime_python/onnx_backend.py` (onnxruntime over a `builder export` folder,
   same Protocol) and is importable from here; onnxruntime is only imported when it is asked for.
+  HFBackend (`runtime_python/hf_backend.py`) runs any local transformers causal-LM folder.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from source.checkpoint import load_model
 from source.model import KVCache, Transformer
-from source.tokenizer import Tokenizer
+from source.tokenizer import ChatTokenizer, Tokenizer
 
 DTYPES = ("fp32", "bf16", "int8")
 DEVICES = ("cpu", "cuda", "mps", "auto")
@@ -61,7 +62,7 @@ PREFILL_CHUNK = 128  # prompt tokens per forward
 @runtime_checkable
 class ChatBackend(Protocol):
     name: str
-    tokenizer: Tokenizer
+    tokenizer: ChatTokenizer
     max_seq_len: int
 
     def prefill(self, ids: list[int]) -> torch.Tensor:

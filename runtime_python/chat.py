@@ -87,7 +87,7 @@ def generate_stream(backend: ChatBackend, messages: list[dict], gen: GenerationC
                              f"exceed the model's context of {backend.max_seq_len} tokens")
         ids, shown = list(prompt_ids), []
     # <|end|> and </s> end a reply; <s> or another chat-role token means the model began a new turn
-    end_ids = {tok.eos_id, tok.bos_id, *tok.special_ids.values()}
+    end_ids = {tok.eos_id, tok.bos_id, *tok.special_ids.values()} - {None}  # bos_id is None in some HF tokenizers
     rng = make_generator(gen.seed)
     detok, stops = IncrementalDetokenizer(tok, continuation=prompt_ids is not None), StopChecker(gen.stop)
     out: list[int] = []

@@ -7,7 +7,8 @@
 Design choices:
 - The three verbs share one set of model options (`_model_options`) and one loader (`load_runtime`):
   the model defaults to the registry champion, the index to datasets/built/index; a missing
-  index turns retrieval off with a one-line note instead of failing.
+  index turns retrieval off with a one-line note instead of failing. A Hugging Face model folder
+  (config.json, no .pth) runs on transformers (`runtime_python.hf_backend`) with its own chat template.
 - Heavy imports (torch, FastAPI) happen inside the commands, so `supermix --help` stays instant.
 - User mistakes (no champion, bad path, bad temperature) are `click.ClickException`s: one line, no
   traceback.
@@ -27,7 +28,7 @@ DEFAULT_EXPORT = Path("dist/export")
 
 @dataclass
 class Runtime:
-    backend: Any  # runtime_python.backends.TorchBackend
+    backend: Any  # a ChatBackend: TorchBackend, OnnxBackend or HFBackend
     index: Any  # source.retrieval.Index | None
     note: str | None  # one line for the user, e.g. why retrieval is off
 
@@ -36,10 +37,13 @@ def load_runtime(model: str | None, tokenizer: Path | None, index_path: Path | N
                  device: str = "cpu", dtype: str = "fp32", backend_kind: str = "torch") -> Runtime:
     """Resolve and load the model and (unless disabled) the retrieval index; ClickException on errors."""
     from runtime_python.backends import TorchBackend, resolve_model
+    from runtime_python.hf_backend import is_hf_folder
 
     try:
         if backend_kind == "onnx":
             backend = _onnx_backend(model, device, dtype)
+        elif model is not None and is_hf_folder(model):
+            backend = _hf_backend(model, tokenizer, device, dtype)
         else:
             backend = TorchBackend.load(*resolve_model(model, tokenizer_dir=tokenizer), device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
@@ -81,6 +85,16 @@ def _onnx_backend(model: str | None, device: str, dtype: str):
     return OnnxBackend(folder, "fp32")
 
 
+def _hf_backend(model: str, tokenizer: Path | None, device: str, dtype: str):
+    """An HFBackend over a Hugging Face model folder (transformers, its own tokenizer and chat template)."""
+    from runtime_python.backends import pick_device
+    from runtime_python.hf_backend import HFBackend
+
+    if tokenizer is not None:
+        raise ValueError(f"--tokenizer is for a .pth model; {model} is a Hugging Face folder with its own tokenizer.json")
+    return HFBackend(model, device=pick_device(device), dtype=dtype)
+
+
 def generation_config(temperature: float | None, max_tokens: int | None, **extra: Any):
     """A validated GenerationConfig from CLI options (None keeps the default)."""
     from runtime_python.generation import GenerationConfig
@@ -95,7 +109,8 @@ def generation_config(temperature: float | None, max_tokens: int | None, **extra
 def _model_options(f: Callable) -> Callable:
     options = [
         click.option("--model", "-m", default=None, metavar="VERSION|PATH",
-                     help="Registry version (v3, champion, latest) or a model.pth [default: the champion]."),
+                     help="Registry version (v3, champion, latest), a model.pth, or a Hugging Face model folder "
+                          "(config.json + safetensors + tokenizer.json) [default: the champion]."),
         click.option("--tokenizer", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Tokenizer folder, for a model.pth outside the registry."),
         click.option("--index", "index_path", type=click.Path(path_type=Path), default=None,
@@ -146,6 +161,7 @@ def chat(model: str | None, tokenizer: Path | None, index_path: Path | None, no_
       supermix chat
       supermix chat --model runs/sft-tiny/model.pth --tokenizer runs/tokenizer --no-retrieval
       supermix chat --backend onnx --model dist/export --dtype int8
+      supermix chat --model ~/models/SmolLM2-135M-Instruct --no-retrieval
     Ctrl-C stops a reply; Ctrl-C or Ctrl-D at the prompt leaves.
     """
     from runtime_python.terminal import run_chat

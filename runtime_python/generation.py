@@ -12,8 +12,9 @@ Design choices:
   sources, and penalising prompt tokens would push it away from the words it should quote.
 - Seeds: a `torch.Generator` per request (`make_generator`), so the same seed, prompt and settings
   give the same text whatever else the process samples. seed=None draws from torch's global RNG.
-- `IncrementalDetokenizer`: each vocabulary id maps once (per tokenizer, cached) to its bytes:
-  "▁" -> space, byte-fallback pieces <0xE2> -> that byte, special tokens -> nothing. The bytes go
+- `IncrementalDetokenizer`: each vocabulary id maps once (per tokenizer, cached) to its bytes
+  (`token_bytes()` of the tokenizer: "▁" -> space, byte-fallback pieces <0xE2> -> that byte, special
+  tokens -> nothing; byte-level BPE pieces -> their bytes). The bytes go
   through Python's incremental UTF-8 decoder, which holds back an incomplete character until its
   last byte arrives, so no half character is ever emitted. O(1) per token instead of re-decoding
   the whole reply, and the concatenation equals `Tokenizer.decode` (the dummy-prefix space of the
@@ -35,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from source.tokenizer import SPECIAL_TOKENS, Tokenizer
+from source.tokenizer import ChatTokenizer
 
 MAX_TEMPERATURE = 5.0
 MAX_REPETITION_PENALTY = 10.0
@@ -135,7 +136,7 @@ class TokenLogprob:
     top: list["TokenLogprob"]
 
 
-def token_logprob(tokenizer: Tokenizer, logits: torch.Tensor, token_id: int, top: int = 0,
+def token_logprob(tokenizer: ChatTokenizer, logits: torch.Tensor, token_id: int, top: int = 0,
                   first: bool = False) -> TokenLogprob:
     """`token_id`'s log-probability under softmax(`logits`) and the `top` best tokens (best first).
     `first`: the reply's first token, whose dummy-prefix space the text drops (IncrementalDetokenizer),
@@ -152,7 +153,7 @@ def token_logprob(tokenizer: Tokenizer, logits: torch.Tensor, token_id: int, top
         vals, idx = torch.topk(logp, min(top, logp.numel()))
         alts = [entry(int(i), float(v), []) for v, i in zip(vals, idx)]
     chosen = entry(token_id, float(logp[token_id]), alts)
-    if first and chosen.bytes[:1] == b" " and token_id not in byte_ids:
+    if first and tokenizer.dummy_prefix and chosen.bytes[:1] == b" " and token_id not in byte_ids:
         chosen.bytes, chosen.text = chosen.bytes[1:], chosen.text[1:]
     return chosen
 
@@ -165,24 +166,12 @@ _BYTE_TABLES: dict[str, tuple[list[bytes], frozenset[int]]] = {}  # tokenizer sh
 codecs.register_error("supermix-per-byte", lambda e: ("\ufffd" * (e.end - e.start), e.end))
 
 
-def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], frozenset[int]]:
+def token_bytes(tokenizer: ChatTokenizer) -> tuple[list[bytes], frozenset[int]]:
     """What each id contributes to the decoded text, as UTF-8 bytes, and the set of byte-fallback
-    ids (built once per tokenizer)."""
+    ids (`tokenizer.token_bytes()`, built once per tokenizer)."""
     cached = _BYTE_TABLES.get(tokenizer.sha256)
     if cached is None:
-        sp = tokenizer.sp
-        special = {sp.piece_to_id(t) for t in SPECIAL_TOKENS}
-        table, byte_ids = [], set()
-        for i in range(tokenizer.vocab_size):
-            piece = sp.id_to_piece(i)
-            if i in special or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-                table.append(b"")  # like Tokenizer.decode: special tokens are not text
-            elif sp.is_byte(i):  # "<0xE2>"
-                table.append(bytes([int(piece[3:-1], 16)]))
-                byte_ids.add(i)
-            else:
-                table.append(piece.replace("\u2581", " ").encode("utf-8"))
-        cached = _BYTE_TABLES[tokenizer.sha256] = (table, frozenset(byte_ids))
+        cached = _BYTE_TABLES[tokenizer.sha256] = tokenizer.token_bytes()
     return cached
 
 
@@ -190,12 +179,16 @@ class IncrementalDetokenizer:
     """Token ids in, text out, only ever whole characters: `push(id)` -> new text ("" while a
     multi-byte character is incomplete), `flush()` -> what is left (U+FFFD for a broken tail).
     `continuation=True` keeps a first piece's leading space: the text continues a raw prompt
-    ("The capital is" + "▁Paris"), so that space is real, not sentencepiece's dummy prefix."""
+    ("The capital is" + "▁Paris"), so that space is real, not sentencepiece's dummy prefix. A tokenizer
+    without a dummy prefix (byte-level BPE) keeps every space."""
 
-    def __init__(self, tokenizer: Tokenizer, continuation: bool = False) -> None:
+    def __init__(self, tokenizer: ChatTokenizer, continuation: bool = False) -> None:
         self._bytes, self._byte_ids = token_bytes(tokenizer)
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="supermix-per-byte")
-        self._started = continuation  # the first text byte may be the dummy-prefix space
+        # sentencepiece and byte fallback write one U+FFFD per invalid byte; byte-level BPE's decoder (Rust's
+        # from_utf8_lossy) one per invalid sequence, as Python's "replace" does
+        errors = "supermix-per-byte" if tokenizer.fffd_per_byte else "replace"
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=errors)
+        self._started = continuation or not tokenizer.dummy_prefix  # the first byte may be the dummy prefix
 
     def push(self, token_id: int) -> str:
         data = self._bytes[token_id]

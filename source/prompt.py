@@ -21,7 +21,10 @@ Design choices:
   history never opens with a reply), shrink the passages (clip to 70% per round, never below
   MIN_PASSAGE_CHARS, then drop the last-ranked), and finally cut the start of the latest user turn
   (questions usually end a long paste). The system prompt is never cut; ValueError only when it
-  alone, with max_new_tokens, cannot fit.
+  alone, with max_new_tokens, cannot fit. With a Hugging Face model's own chat template
+  (`source.hf_tokenizer`) a message costs more than <|role|> + <|end|> and the count is an
+  estimate: if the encoded prompt is over, the budget shrinks by the excess and the layout is
+  redone (FIT_ROUNDS at most). Ours is exact, so its first round always fits.
 - Citations: a reply cites source n as "[n]" or in a group "[1, 3]". Parsing is ASCII-only (digits
   0-9, at most 9 per number; spaces, tabs and newlines around the commas), so the browser's regular
   expressions, whose \\d and \\s differ from Python's, find exactly the same numbers.
@@ -34,9 +37,10 @@ import re
 from dataclasses import dataclass
 
 from source.sft_data import clip_text, to_chat_messages
-from source.tokenizer import Tokenizer, defuse_special_tokens, format_context
+from source.tokenizer import ChatTokenizer, defuse_special_tokens, format_context
 
 MIN_PASSAGE_CHARS = 60  # a passage is clipped no shorter than this, then dropped
+FIT_ROUNDS = 3  # layouts tried when a model's own chat template costs more than the per-message count
 _CITE = re.compile(r"\[([0-9]{1,9}(?:[ \t\n\r\f\v]*,[ \t\n\r\f\v]*[0-9]{1,9})*)\]")
 
 
@@ -74,11 +78,11 @@ def retrieval_query(messages: list[dict], system_prompt: str = "") -> str:
     return f"{question}\n{earlier[-1]}" if earlier else question
 
 
-def _cost(tokenizer: Tokenizer, content: str) -> int:
+def _cost(tokenizer: ChatTokenizer, content: str) -> int:
     return len(tokenizer.encode(content)) + 2  # <|role|> content <|end|>
 
 
-def _keep_end(tokenizer: Tokenizer, text: str, room: int) -> str:
+def _keep_end(tokenizer: ChatTokenizer, text: str, room: int) -> str:
     """The longest suffix of `text` that encodes to at most `room` tokens (binary search on the start)."""
     lo, hi = 0, len(text)  # text[hi:] == "" always fits
     while lo < hi:
@@ -90,13 +94,25 @@ def _keep_end(tokenizer: Tokenizer, text: str, room: int) -> str:
     return text[lo:]
 
 
-def build_prompt(tokenizer: Tokenizer, messages: list[dict], passages: list, system_prompt: str,
+def build_prompt(tokenizer: ChatTokenizer, messages: list[dict], passages: list, system_prompt: str,
                  max_new_tokens: int, max_seq_len: int) -> Prompt:
     """The prompt for `messages` (system/user/assistant dicts ending with a user turn) and `passages`
     (dicts or retrieval Passages, in rank order) that leaves `max_new_tokens` of `max_seq_len` free."""
     system, history, user = split_messages(messages, system_prompt)
-    question = user
     limit = max_seq_len - max_new_tokens  # what the prompt may take
+    budget = limit
+    for _ in range(FIT_ROUNDS):
+        kept, ctx, ids = _fit(tokenizer, system, history, user, passages, budget, max_new_tokens, max_seq_len)
+        if len(ids) <= limit:
+            return Prompt(ids=ids, messages=kept, passages=ctx, question=user)
+        budget -= len(ids) - limit  # a model's own template cost more than the per-message count
+    # with our tokenizer the count is exact and the first round fits; this guards the invariant
+    raise ValueError(f"prompt of {len(ids)} tokens exceeds the budget of {limit}")
+
+
+def _fit(tokenizer: ChatTokenizer, system: str, history: list[dict], user: str, passages: list, limit: int,
+         max_new_tokens: int, max_seq_len: int) -> tuple[list[dict], list[dict], list[int]]:
+    """(messages, passages, ids) laid out to take at most `limit` tokens by the per-message count."""
     fixed = 2 + _cost(tokenizer, system) + _cost(tokenizer, "")  # <s>, <|assistant|>, system, empty user turn
     if fixed + 1 > limit:
         raise ValueError(f"cannot fit a prompt: the system prompt takes {fixed - 6} tokens and max_new_tokens is "
@@ -132,9 +148,7 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], passages: list, sys
     kept = to_chat_messages({"messages": [{"role": "system", "content": system}, *history[start:],
                                           {"role": "user", "content": user}], "context": ctx}, system)
     ids, _ = tokenizer.encode_chat(kept, add_generation_prompt=True)
-    if len(ids) > limit:  # the arithmetic above is exact; this guards the invariant, not a case
-        raise ValueError(f"prompt of {len(ids)} tokens exceeds the budget of {limit}")
-    return Prompt(ids=ids, messages=kept, passages=ctx, question=question)
+    return kept, ctx, ids
 
 
 def cited_numbers(text: str) -> list[int]:

@@ -12,6 +12,8 @@ folder per version, `models/versions/vN/{model.pth, tokenizer/, model_info.json,
   root from reading registry.json to writing it: two adds at once used to pick the same vN and delete each
   other's folder, and a promote during an add wrote back a registry without the new version. Readers take
   no lock: registry.json is replaced atomically, so they see the old file or the new one
+- imported Hugging Face bases (source.hf_base) live in a "bases" object, name -> entry, written only when there
+  is one: they are referenced by path and hashes, not versions with a folder here
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from source.files import atomic_write_bytes, sha256_file
 from source.lineage import check_lineage, lineage_from_runs
@@ -126,7 +128,7 @@ class Registry:
     def load(self) -> dict:
         """The validated registry {champion, champion_reason, next_id, versions: [Version]}; no file = empty."""
         if not self.path.exists():
-            return {"champion": None, "champion_reason": None, "next_id": 1, "versions": []}
+            return {"champion": None, "champion_reason": None, "next_id": 1, "versions": [], "bases": {}}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -152,8 +154,11 @@ class Registry:
         for v in versions:  # a removed parent is fine (history); a number never issued, or a later one, is not
             if v.parent is not None and not (_ID.fullmatch(v.parent) and int(v.parent[1:]) < v.number):
                 raise RegistryError(f"{self.path}: version {v.id}: parent {v.parent!r} is not an earlier version")
+        bases = data.get("bases", {})
+        if not isinstance(bases, dict) or not all(isinstance(b, dict) for b in bases.values()):
+            raise RegistryError(f"{self.path}: field 'bases' must be an object of name -> entry")
         return {"champion": champion, "champion_reason": data.get("champion_reason"),
-                "next_id": max([next_id, *(v.number + 1 for v in versions)]), "versions": versions}
+                "next_id": max([next_id, *(v.number + 1 for v in versions)]), "versions": versions, "bases": bases}
 
     def _parse_version(self, i: int, raw: Any) -> Version:
         where = f"{self.path}: versions[{i}]" + (f" ({raw['id']})" if isinstance(raw, dict) and "id" in raw else "")
@@ -223,6 +228,8 @@ class Registry:
         data = {"format": FORMAT, "champion": state["champion"], "champion_rule": CHAMPION_RULE,
                 "champion_reason": state["champion_reason"], "next_id": state["next_id"],
                 "versions": [v.to_dict() for v in sorted(state["versions"], key=lambda v: v.number)]}
+        if state["bases"]:
+            data["bases"] = dict(sorted(state["bases"].items()))
         atomic_write_bytes(self.path, _json_bytes(data))
 
     def _write_docs(self, v: Version, folder: Path | None = None) -> None:
@@ -298,6 +305,14 @@ class Registry:
                 shutil.rmtree(staging, ignore_errors=True)
                 shutil.rmtree(final, ignore_errors=True)
         return version
+
+    def edit_bases(self, change: Callable[[dict], None]) -> None:
+        """Apply `change` to the {name: entry} of imported bases and save, under the writer lock (source.hf_base).
+        Nothing is written if `change` raises."""
+        with self._writer():
+            state = self.load()
+            change(state["bases"])
+            self._save(state)
 
     def set_metrics(self, ref: str, metrics: dict) -> Version:
         """Merge `metrics` into a version's metrics (evaluation results arrive one stage at a time)."""

@@ -35,7 +35,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import sentencepiece as spm
 
@@ -257,8 +257,37 @@ def format_context(passages: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
+class ChatTokenizer(Protocol):
+    """What the runtime and the prompt builder use of a tokenizer: `Tokenizer` (ours, sentencepiece) and
+    `source.hf_tokenizer.HFTokenizer` (any tokenizer.json with its model's chat template) both provide it."""
+
+    path: Path
+    sha256: str  # identifies the vocabulary (caches key on it)
+    vocab_size: int  # ids are 0..vocab_size-1
+    bos_id: int | None  # None: the tokenizer has no BOS token
+    eos_id: int
+    special_ids: dict[str, int]  # besides eos/bos, the tokens that end a reply (chat-role and control tokens)
+    dummy_prefix: bool  # decode drops the leading space of the first piece (sentencepiece's "▁" prefix)
+    fffd_per_byte: bool  # decode writes invalid UTF-8 as one U+FFFD per byte, not one per invalid sequence
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def id_to_piece(self, i: int) -> str: ...
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True
+                    ) -> tuple[list[int], list[int]]: ...
+
+    def token_bytes(self) -> tuple[list[bytes], frozenset[int]]: ...
+
+
 class Tokenizer:
     """A trained tokenizer folder, encoded with sentencepiece (fast, C++, threaded batches)."""
+
+    dummy_prefix = fffd_per_byte = True
 
     def __init__(self, path: Path, model_bytes: bytes) -> None:
         self.path = path
@@ -306,6 +335,21 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)
+
+    def token_bytes(self) -> tuple[list[bytes], frozenset[int]]:
+        """What each id adds to the decoded text, as UTF-8 bytes ("▁" -> space, <0xE2> -> that byte, special
+        tokens -> nothing, like `decode`), and the set of byte-fallback ids."""
+        sp, table, byte_ids = self.sp, [], set()
+        for i in range(self.vocab_size):
+            piece = sp.id_to_piece(i)
+            if i in self._all_special or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                table.append(b"")
+            elif sp.is_byte(i):  # "<0xE2>"
+                table.append(bytes([int(piece[3:-1], 16)]))
+                byte_ids.add(i)
+            else:
+                table.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return table, frozenset(byte_ids)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], list[int]]:
         """Chat ids and the SFT loss mask: 1 on assistant content and its closing <|end|>.
