@@ -2,7 +2,7 @@
 
     python benchmarks/decode.py [--checkpoint runs/base-small/model.pth] [--preset small]
                                 [--prompt-tokens 64] [--new-tokens 128] [--threads 1] [--compile]
-                                [--onnx dist/export]
+                                [--onnx dist/export] [--clock wall|cpu]
 
 Rows, measured one after another in this one process, on the same prompt:
 - `hf-generate`: transformers' LlamaForCausalLM (fp32, its default sdpa attention), our weights
@@ -21,7 +21,8 @@ prefill (HF: the whole run minus a 1-token generate), which `--prompt-tokens 500
 prompt's. Target: ours >= 10x HF.
 Weights: `--checkpoint` (default runs/base-small/model.pth when it exists), else a random `--preset`
 init (speed does not depend on the weights). The load average is printed: numbers taken while
-something else runs (a training job) are low and noisy, and the table says so.
+something else runs (a training job) are low and noisy, and the table says so; `--clock cpu --threads 1`
+times this process' CPU seconds instead, which a busy second core moves less (not its memory traffic).
 """
 
 from __future__ import annotations
@@ -73,12 +74,13 @@ def prompt_ids(tok: Tokenizer | None, vocab: int, n: int) -> list[int]:
 
 
 @torch.inference_mode()  # the backend's logits are inference tensors: editable in place only in here
-def ours(backend: ChatBackend, prompt: list[int], n: int, eos: int) -> tuple[list[int], float]:
+def ours(backend: ChatBackend, prompt: list[int], n: int, eos: int,
+         clock=time.perf_counter) -> tuple[list[int], float]:
     """Greedy tokens, and the seconds the prefill took."""
     out: list[int] = []
-    t0 = time.perf_counter()
+    t0 = clock()
     logits = backend.prefill(prompt)
-    prefill = time.perf_counter() - t0
+    prefill = clock() - t0
     for i in range(n):
         logits[eos] = float("-inf")  # as HF's min_new_tokens does, so both runs stay comparable
         out.append(sample_next(logits, GREEDY, out))
@@ -98,14 +100,14 @@ def hf_model(model: Transformer):
     return hf
 
 
-def timed(fn, repeats: int) -> tuple[float, list[int], float]:
+def timed(fn, repeats: int, clock=time.perf_counter) -> tuple[float, list[int], float]:
     """fn() -> (tokens, prefill seconds): median seconds, the tokens, median seconds after the prefill."""
     fn()  # warm-up (and, with --compile, the compilation)
     times, after, out = [], [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         out, prefill = fn()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
         after.append(times[-1] - prefill)
     return statistics.median(times), out, statistics.median(after)
 
@@ -121,7 +123,10 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16,int8")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows (slow to compile)")
     ap.add_argument("--onnx", default="dist/export", help="export folder for the onnx rows (skipped if missing)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time by the wall clock or by this process' CPU time (use with --threads 1)")
     args = ap.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, origin = load(args)
@@ -130,7 +135,8 @@ def main() -> None:
     n, eos = args.new_tokens, 2
     load_before = os.getloadavg()[0]
     print(f"weights: {origin} ({model.num_params() / 1e6:.1f}M params); prompt {len(prompt)} tokens, "
-          f"{n} new tokens, greedy, batch 1; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{n} new tokens, greedy, batch 1; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.clock} clock")
 
     rows = []
     hf = hf_model(model)
@@ -142,8 +148,8 @@ def main() -> None:
                               do_sample=False)
         return out[0, len(prompt):].tolist(), 0.0
 
-    hf_prefill = timed(lambda: hf_run(1), args.repeats)[0]
-    hf_s, hf_tokens, _ = timed(lambda: hf_run(n), args.repeats)
+    hf_prefill = timed(lambda: hf_run(1), args.repeats, clock)[0]
+    hf_s, hf_tokens, _ = timed(lambda: hf_run(n), args.repeats, clock)
     rows.append(("hf-generate", "fp32", hf_s, hf_tokens, None, hf_s - hf_prefill))
     del hf
     variants = [(d, False) for d in args.dtypes.split(",")] + ([(d, True) for d in args.dtypes.split(",")]
@@ -156,7 +162,7 @@ def main() -> None:
             backend.prefill(prompt)
             backend.decode(prompt[-1])  # the first decode compiles
             first = time.perf_counter() - t0
-            s, tokens, after = timed(lambda: ours(backend, prompt, n, eos), args.repeats)
+            s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats, clock)
         except Exception as e:  # e.g. no C++ compiler for inductor, or no int8 kernel on this CPU
             print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
@@ -165,7 +171,7 @@ def main() -> None:
     from runtime_python.onnx_backend import ONNX_FILES, OnnxBackend
 
     backend = OnnxBackend.from_model(model, tok, threads=args.threads or 1)
-    s, tokens, after = timed(lambda: ours(backend, prompt, n, eos), args.repeats)
+    s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats, clock)
     rows.append(("onnx-fp32-gqa", "fp32", s, tokens, None, after))
     backend.release()
     if (Path(args.onnx) / "onnx" / "model.onnx").is_file():
@@ -173,7 +179,7 @@ def main() -> None:
             if not (Path(args.onnx) / "onnx" / ONNX_FILES[dtype]).is_file():
                 continue
             backend = OnnxBackend(args.onnx, dtype, threads=args.threads or 1)
-            s, tokens, after = timed(lambda: ours(backend, prompt, n, eos), args.repeats)
+            s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats, clock)
             rows.append((f"onnx-{dtype.replace('q8', 'int8')}", dtype, s, tokens, None, after))
     else:
         print(f"no ONNX rows: {args.onnx}/onnx/model.onnx not found (builder export --out {args.onnx})")

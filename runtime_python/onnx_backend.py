@@ -16,6 +16,8 @@ Design choices:
   both the past input and the present output, once: each step writes only its new positions, so decode
   does not slow down as the context grows. The portable graph (torch-exported, a Concat per layer)
   cannot share: there each step's `present.*` becomes the next step's past.
+- A new prompt reuses the K/V of the previous prompt's common prefix (not of decoded tokens, as in
+  TorchBackend), so a chat turn runs only its new tokens; `cached_tokens` says how many were reused.
 - Logits land in a buffer of ours (one preallocated for decode steps) and are copied out once.
 - One intra-op thread by default: a decode step of a model this small is ~120-400 tiny ops, and thread
   hand-offs cost more than they save, badly so when another process holds a core
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime_python.backends import common_prefix, load_checkpoint
 from source.model import Transformer
 from source.tokenizer import Tokenizer
 
@@ -64,8 +67,6 @@ class OnnxBackend:
     def from_checkpoint(cls, model_path: str | Path, tokenizer_dir: str | Path | None = None,
                         threads: int | None = 1, name: str | None = None) -> "OnnxBackend":
         """The fp32 GroupQueryAttention graph of a `.pth`, built in memory (see the module docstring)."""
-        from runtime_python.backends import load_checkpoint
-
         model, tokenizer, default_name = load_checkpoint(model_path, tokenizer_dir)
         return cls.from_model(model, tokenizer, name or default_name, threads)
 
@@ -115,7 +116,9 @@ class OnnxBackend:
                 self._binding.bind_ortvalue_input(past, buffer)
                 self._binding.bind_ortvalue_output(present, buffer)
         self._past: list | None = None
-        self._pos = 0
+        self._tokens: list[int] = []  # the ids whose K/V the cache holds
+        self._prompted = 0  # how many of them came from a prompt (prefill), not from decode
+        self.cached_tokens = 0  # of the last prompt, reused from the one before
 
     def _run(self, ids: np.ndarray, start: int) -> torch.Tensor:
         """Run `ids` at positions start.. over the cache; the last position's logits."""
@@ -136,7 +139,6 @@ class OnnxBackend:
         self.session.run_with_iobinding(binding)
         if not self._shared:
             self._past = binding.get_outputs()[1:]
-        self._pos = end
         return torch.from_numpy(logits[0, -1].copy())
 
     # -- the protocol
@@ -148,20 +150,26 @@ class OnnxBackend:
             raise ValueError("prefill needs at least one token")
         if len(ids) > self.max_seq_len:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's window of {self.max_seq_len}")
-        if not self._shared:
+        keep = 0
+        if self._shared:  # the previous prompt's common prefix (a chat's earlier turns) stays in the buffer:
+            # GroupQueryAttention runs the rest as a continued prompt and reads only positions 0..len(ids)
+            keep = common_prefix(self._tokens[:self._prompted], ids, len(ids) - 1)
+        else:
             empty = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, dtype=np.float32))
             self._past = [empty] * len(self._past_names)
-        self._pos = 0  # a shared cache is overwritten from position 0: GroupQueryAttention reads only 0..end
-        return self._run(np.array([ids], dtype=np.int64), 0)
+        self._tokens, self._prompted, self.cached_tokens = list(ids), len(ids), keep
+        return self._run(np.array([ids[keep:]], dtype=np.int64), keep)
 
     def decode(self, token_id: int) -> torch.Tensor:
         if self.session is None:
             raise RuntimeError("this backend was released")
-        if self._pos == 0:
+        pos = len(self._tokens)
+        if pos == 0:
             raise RuntimeError("decode() before prefill()")
-        if self._pos >= self.max_seq_len:
+        if pos >= self.max_seq_len:
             raise ValueError(f"the model's window of {self.max_seq_len} tokens is full")
-        return self._run(np.array([[token_id]], dtype=np.int64), self._pos)
+        self._tokens.append(token_id)
+        return self._run(np.array([[token_id]], dtype=np.int64), pos)
 
     def release(self) -> None:
         self.session = self._binding = self._past = None

@@ -65,8 +65,18 @@ def test_logits_match_the_full_forward_and_a_new_prompt_reuses_the_buffer(backen
     got = torch.stack([fast.prefill(ids[:17])] + [fast.decode(t) for t in ids[17:-1]])
     assert got.dtype == torch.float32 and got.shape == (23, model.cfg.vocab_size)
     assert (got - full[16:39]).abs().max() <= 1e-4 * full[16:39].abs().max()
-    # the buffer now holds 39 positions; a shorter prompt must read only its own 10
-    assert torch.equal(fast.prefill(ids[:10]), OnnxBackend.from_model(model, fast.tokenizer).prefill(ids[:10]))
+    # the buffer now holds 39 positions; a new prompt of 10 (no common prefix) must read only its own
+    other, fresh = ids[20:30], OnnxBackend.from_model(model, fast.tokenizer)
+    assert torch.equal(fast.prefill(other), fresh.prefill(other)) and fast.cached_tokens == 0
+    # a longer prompt that starts with the last one (a chat's next turn) runs only its new tokens
+    fast.decode(ids[0])
+    turn = other + ids[:25]
+    got = torch.stack([fast.prefill(turn)] + [fast.decode(t) for t in ids[25:30]])
+    assert fast.cached_tokens == 10
+    fresh = OnnxBackend.from_model(model, fast.tokenizer)
+    want = torch.stack([fresh.prefill(turn)] + [fresh.decode(t) for t in ids[25:30]])
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_errors_and_release(tiny_base, tiny_workspace):
