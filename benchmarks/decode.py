@@ -75,9 +75,10 @@ def prompt_ids(tok: Tokenizer | None, vocab: int, n: int) -> list[int]:
 
 @torch.inference_mode()  # the backend's logits are inference tensors: editable in place only in here
 def ours(backend: ChatBackend, prompt: list[int], n: int, eos: int,
-         clock=time.perf_counter) -> tuple[list[int], float]:
-    """Greedy tokens, and the seconds the prefill took."""
+         clock=time.perf_counter) -> tuple[list[int], float, float]:
+    """Greedy tokens, the seconds the prefill took, the seconds in all."""
     out: list[int] = []
+    backend.prefill([0])  # untimed: a backend that keeps the last prompt's K/V then runs this one whole, as HF does
     t0 = clock()
     logits = backend.prefill(prompt)
     prefill = clock() - t0
@@ -86,7 +87,7 @@ def ours(backend: ChatBackend, prompt: list[int], n: int, eos: int,
         out.append(sample_next(logits, GREEDY, out))
         if i + 1 < n:
             logits = backend.decode(out[-1])
-    return out, prefill
+    return out, prefill, clock() - t0
 
 
 def hf_model(model: Transformer):
@@ -100,15 +101,14 @@ def hf_model(model: Transformer):
     return hf
 
 
-def timed(fn, repeats: int, clock=time.perf_counter) -> tuple[float, list[int], float]:
-    """fn() -> (tokens, prefill seconds): median seconds, the tokens, median seconds after the prefill."""
+def timed(fn, repeats: int) -> tuple[float, list[int], float]:
+    """fn() -> (tokens, prefill seconds, seconds): median seconds, the tokens, median seconds after the prefill."""
     fn()  # warm-up (and, with --compile, the compilation)
     times, after, out = [], [], []
     for _ in range(repeats):
-        t = clock()
-        out, prefill = fn()
-        times.append(clock() - t)
-        after.append(times[-1] - prefill)
+        out, prefill, seconds = fn()
+        times.append(seconds)
+        after.append(seconds - prefill)
     return statistics.median(times), out, statistics.median(after)
 
 
@@ -142,14 +142,15 @@ def main() -> None:
     hf = hf_model(model)
     x = torch.tensor([prompt])
 
-    def hf_run(new: int) -> tuple[list[int], float]:
+    def hf_run(new: int) -> tuple[list[int], float, float]:
+        t0 = clock()
         with torch.inference_mode():
             out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
                               do_sample=False)
-        return out[0, len(prompt):].tolist(), 0.0
+        return out[0, len(prompt):].tolist(), 0.0, clock() - t0
 
-    hf_prefill = timed(lambda: hf_run(1), args.repeats, clock)[0]
-    hf_s, hf_tokens, _ = timed(lambda: hf_run(n), args.repeats, clock)
+    hf_prefill = timed(lambda: hf_run(1), args.repeats)[0]
+    hf_s, hf_tokens, _ = timed(lambda: hf_run(n), args.repeats)
     rows.append(("hf-generate", "fp32", hf_s, hf_tokens, None, hf_s - hf_prefill))
     del hf
     variants = [(d, False) for d in args.dtypes.split(",")] + ([(d, True) for d in args.dtypes.split(",")]
@@ -162,7 +163,7 @@ def main() -> None:
             backend.prefill(prompt)
             backend.decode(prompt[-1])  # the first decode compiles
             first = time.perf_counter() - t0
-            s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats, clock)
+            s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats)
         except Exception as e:  # e.g. no C++ compiler for inductor, or no int8 kernel on this CPU
             print(f"{name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
@@ -171,7 +172,7 @@ def main() -> None:
     from runtime_python.onnx_backend import ONNX_FILES, OnnxBackend
 
     backend = OnnxBackend.from_model(model, tok, threads=args.threads or 1)
-    s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats, clock)
+    s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats)
     rows.append(("onnx-fp32-gqa", "fp32", s, tokens, None, after))
     backend.release()
     if (Path(args.onnx) / "onnx" / "model.onnx").is_file():
@@ -179,7 +180,7 @@ def main() -> None:
             if not (Path(args.onnx) / "onnx" / ONNX_FILES[dtype]).is_file():
                 continue
             backend = OnnxBackend(args.onnx, dtype, threads=args.threads or 1)
-            s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats, clock)
+            s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats)
             rows.append((f"onnx-{dtype.replace('q8', 'int8')}", dtype, s, tokens, None, after))
     else:
         print(f"no ONNX rows: {args.onnx}/onnx/model.onnx not found (builder export --out {args.onnx})")

@@ -112,7 +112,8 @@ class OnnxBackend:
         self._binding = self.session.io_binding()
         if shared_cache:
             for past, present in zip(self._past_names, self._present_names):
-                buffer = ort.OrtValue.ortvalue_from_shape_and_type((1, kv_heads, self.max_seq_len, head_dim), np.float32)
+                shape = (1, kv_heads, self.max_seq_len, head_dim)
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32)
                 self._binding.bind_ortvalue_input(past, buffer)
                 self._binding.bind_ortvalue_output(present, buffer)
         self._past: list | None = None

@@ -41,7 +41,7 @@ def test_greedy_equals_torch_fp32_short_and_deep_into_the_window(backends):
     assert isinstance(fast, ChatBackend) and fast.name == "run" and fast.max_seq_len == 256
     tok = fast.tokenizer
     chat, _ = tok.encode_chat([{"role": "user", "content": "What is a closure?"}])
-    text = tok.encode("Return a new sorted list from the items in iterable. A custom key function can be supplied. " * 20)
+    text = tok.encode("Return a new sorted list from the items in iterable. A custom key function can be given. " * 20)
     long = [tok.bos_id] + text[:199]
     for prompt, n in ((chat, 48), (long, 55)):  # the long one ends one short of the 256-token window
         with torch.inference_mode():
@@ -112,4 +112,5 @@ def test_without_onnxruntime_auto_falls_back_to_torch_with_a_note(tiny_base, tin
                          env={**os.environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr
     kind, note = out.stdout.splitlines()
-    assert kind == "TorchBackend" and note == "note: onnxruntime is not installed; running the model with torch (exact, slower)"
+    assert kind == "TorchBackend"
+    assert note == "note: onnxruntime is not installed; running the model with torch (exact, slower)"
