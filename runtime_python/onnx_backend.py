@@ -109,7 +109,7 @@ class OnnxBackend:
         self._positions = np.arange(self.max_seq_len, dtype=np.int64)[None]
         self._step_logits = np.empty((1, 1, vocab), dtype=np.float32)
         self._shared = shared_cache
-        self._binding = self.session.io_binding()
+        self._binding = self.session.io_binding() if shared_cache else None  # the portable graph binds per step
         if shared_cache:
             for past, present in zip(self._past_names, self._present_names):
                 shape = (1, kv_heads, self.max_seq_len, head_dim)
@@ -128,8 +128,8 @@ class OnnxBackend:
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", self._ones[:, :end])
         binding.bind_cpu_input("position_ids", self._positions[:, start:end])
-        logits = self._step_logits if ids.shape[1] == 1 else np.empty((1, ids.shape[1], self._step_logits.shape[2]),
-                                                                        dtype=np.float32)
+        shape = (1, ids.shape[1], self._step_logits.shape[2])
+        logits = self._step_logits if ids.shape[1] == 1 else np.empty(shape, dtype=np.float32)
         # bound first, so the portable graph's presents follow it in get_outputs()
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         if not self._shared:
@@ -158,8 +158,10 @@ class OnnxBackend:
         else:
             empty = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(self.kv_shape, dtype=np.float32))
             self._past = [empty] * len(self._past_names)
+        self._tokens, self._prompted = [], 0  # until the run succeeds, nothing in the cache is reusable
+        logits = self._run(np.array([ids[keep:]], dtype=np.int64), keep)
         self._tokens, self._prompted, self.cached_tokens = list(ids), len(ids), keep
-        return self._run(np.array([ids[keep:]], dtype=np.int64), keep)
+        return logits
 
     def decode(self, token_id: int) -> torch.Tensor:
         if self.session is None:
@@ -169,8 +171,9 @@ class OnnxBackend:
             raise RuntimeError("decode() before prefill()")
         if pos >= self.max_seq_len:
             raise ValueError(f"the model's window of {self.max_seq_len} tokens is full")
+        logits = self._run(np.array([[token_id]], dtype=np.int64), pos)
         self._tokens.append(token_id)
-        return self._run(np.array([[token_id]], dtype=np.int64), pos)
+        return logits
 
     def release(self) -> None:
         self.session = self._binding = self._past = None
