@@ -1,5 +1,5 @@
 """The two ONNX graphs `builder export --graph` can write, side by side on the same weights and loop:
-`torch` (plain ops from `torch.onnx.export` of `OnnxForward`) and `contrib` (builder/onnx_graph.py,
+`torch` (plain ops from `torch.onnx.export` of `OnnxForward`) and `contrib` (source/onnx_graph.py,
 onnxruntime's GroupQueryAttention), each in fp32 and in the export's int8.
 
     python benchmarks/onnx_gqa.py --checkpoint models/versions/v2/model.pth

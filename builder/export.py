@@ -7,12 +7,12 @@ Design choices (docs/pages/decisions.md and docs/pages/export.md give the reason
   past K/V in, present K/V out, HF/optimum IO names, attention as plain matmuls with an additive mask
   built from `attention_mask`, so left-padded batches work), through `torch.onnx.export(dynamo=True,
   opset 18)`, traced with batch 2 and past 5 so no dim is frozen. Beside it, `onnx/model_gqa_quantized.onnx`
-  is the contrib-op graph (builder/onnx_graph.py, onnxruntime's GroupQueryAttention) in int8: ~4x fewer
+  is the contrib-op graph (source/onnx_graph.py, onnxruntime's GroupQueryAttention) in int8: ~4x fewer
   nodes, the fastest file natively at batch 1 (exact for batch 1 and right padding), but slower to
   prefill in onnxruntime-web, so the site keeps the portable file. `graph="contrib"` puts the contrib
   graph under the standard names instead.
 - int8 is `quantize_dynamic(QInt8)` (MatMul/Gemm/Gather weights; in the contrib graph the embedding
-  gathers rows of the lm_head's int8 table, see onnx_graph.quantize_int8), q4 is `MatMulNBitsQuantizer`
+  gathers rows of the lm_head's int8 table, see `_quantize_contrib_int8`), q4 is `MatMulNBitsQuantizer`
   (bits 4, block 32): the formats transformers.js loads as dtype "q8" and "q4".
 - Everything is written into a sibling `.partial` folder and renamed into place only after every gate
   passed (`builder/export_gates.py`), so a failed export never leaves a half-written folder behind.
@@ -113,7 +113,7 @@ def export_onnx(model: Transformer, path: Path, graph: str = "torch") -> None:
     if graph == "contrib":
         import onnx
 
-        from builder.onnx_graph import contrib_graph
+        from source.onnx_graph import contrib_graph
 
         onnx.save(contrib_graph(model), str(path))
         return
@@ -159,13 +159,41 @@ def quantize_int8(src: Path, dst: Path, graph: str = "torch") -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if graph == "contrib":
-        from builder import onnx_graph
-
-        onnx_graph.quantize_int8(str(src), str(dst))
+        _quantize_contrib_int8(src, dst)
         return
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
                      op_types_to_quantize=["MatMul", "Gemm", "Gather"], extra_options={"MatMulConstBOnly": True})
+
+
+def _quantize_contrib_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 like the torch graph's (per-tensor, MatMul weights), then the tied table's Gather is
+    pointed at the int8 table: gather the int8 rows, dequantize only those. One int8 copy of the table
+    in the file, and no per-step dequantization of the whole table (onnxruntime-web cannot be told to
+    fold it at load)."""
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
+                     op_types_to_quantize=["MatMul"],
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
+    model = onnx.load(str(dst))
+    quantized = any(i.name == "lm_head_t_quantized" for i in model.graph.initializer)
+    gather = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "lm_head_t"), None)
+    if quantized and gather is not None:  # tied embeddings: the Gather reads the lm_head's table
+        gather.input[0] = "lm_head_t_quantized"
+        rows = gather.output[0]
+        gather.output[0] = rows + "_int8"
+        position = list(model.graph.node).index(gather) + 1
+        model.graph.node.insert(position, helper.make_node(
+            "DequantizeLinear", [rows + "_int8", "lm_head_t_scale", "lm_head_t_zero_point"], [rows],
+            name="DequantizeLinear_embedding_rows"))
+        used = {i for n in model.graph.node for i in n.input}
+        kept = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    onnx.save(model, str(dst))
 
 
 def write_native_int8(model: Transformer, dst: Path) -> None:
@@ -225,6 +253,7 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
     parity/quality gate fails."""
     from builder.export_gates import GateError, run_gates
     from source.checkpoint import load_model
+    from source.onnx_graph import fits
 
     out = Path(out_dir)
     partial = out.with_name(f".{out.name}.partial")
@@ -247,7 +276,7 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
     stage("hf folder", write_hf_folder, model, tokenizer, partial)
     stage("onnx fp32", export_onnx, model, partial / "onnx" / "model.onnx", graph)
     stage("onnx int8", quantize_int8, partial / "onnx" / "model.onnx", partial / "onnx" / "model_quantized.onnx", graph)
-    if native and graph == "torch":
+    if native and graph == "torch" and fits(model.cfg):  # GroupQueryAttention takes the shape
         stage("onnx int8 gqa", write_native_int8, model, partial / "onnx" / NATIVE_INT8)
     if q4:
         stage("onnx q4", quantize_q4, partial / "onnx" / "model.onnx", partial / "onnx" / "model_q4.onnx")

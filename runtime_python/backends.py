@@ -26,8 +26,8 @@ Design choices:
   shared CPU, so it is off by default; `benchmarks/decode.py --compile` measures it on yours.
 - Tokenizer check: a checkpoint records the sha256 of its tokenizer.model; loading it with another
   tokenizer raises a ValueError that names both, instead of generating garbage.
-- OnnxBackend lives in `runtime_python/onnx_backend.py` (onnxruntime over a `builder export` folder,
-  same Protocol) and is importable from here; onnxruntime is only imported when it is asked for.
+- OnnxBackend lives in `runtime_python/onnx_backend.py` (onnxruntime over a `.pth` or a `builder export`
+  folder, same Protocol) and is importable from here; onnxruntime is only imported when it is asked for.
   HFBackend (`runtime_python/hf_backend.py`) runs any local transformers causal-LM folder.
 """
 
@@ -124,6 +124,25 @@ def resolve_model(spec: str | None, models_root: str | Path = "models",
         raise FileNotFoundError(f"model {ref!r} not found: pass a .pth file or a registry version "
                                 "(v3, champion, latest)")
     return path, Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir(path)
+
+
+def load_checkpoint(model_path: str | Path, tokenizer_dir: str | Path | None = None,
+                    device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer, str]:
+    """(model, tokenizer, name) from a `.pth` (weights only) and the tokenizer it was trained with: a
+    ValueError that names both when the tokenizer is another one, instead of generating garbage. The name
+    is "v3" for models/versions/v3/model.pth, "base-small" for runs/base-small/model.pth."""
+    model_path = Path(model_path)
+    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else default_tokenizer_dir(model_path))
+    model, ckpt = load_model(model_path, device)
+    if ckpt["tokenizer"] != tokenizer.sha256:
+        raise ValueError(f"{model_path} was trained with tokenizer sha256 {ckpt['tokenizer'][:12]}..., but "
+                         f"{tokenizer.path}/tokenizer.model has {tokenizer.sha256[:12]}...: pass the tokenizer "
+                         "folder it was trained with (--tokenizer DIR)")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has only "
+                         f"{model.cfg.vocab_size} embeddings")
+    name = model_path.parent.name if model_path.stem == "model" and model_path.parent.name else model_path.stem
+    return model, tokenizer, name
 
 
 def pick_device(device: str) -> torch.device:
@@ -237,24 +256,12 @@ class TorchBackend(ChatBackend):
              threads: int | None = None) -> "TorchBackend":
         """Load a `.pth` (weights only) with its tokenizer. `threads` sets torch's (process-wide)
         intra-op thread count; small models often decode faster on one thread."""
-        model_path = Path(model_path)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        dev = pick_device(device)
-        tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else default_tokenizer_dir(model_path))
-        model, ckpt = load_model(model_path, dev)
-        if ckpt["tokenizer"] != tokenizer.sha256:
-            raise ValueError(f"{model_path} was trained with tokenizer sha256 {ckpt['tokenizer'][:12]}..., but "
-                             f"{tokenizer.path}/tokenizer.model has {tokenizer.sha256[:12]}...: pass the tokenizer "
-                             "folder it was trained with (--tokenizer DIR)")
-        if tokenizer.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has only "
-                             f"{model.cfg.vocab_size} embeddings")
+        model, tokenizer, default_name = load_checkpoint(model_path, tokenizer_dir, pick_device(device))
         if threads is not None:
             torch.set_num_threads(threads)
-        if name is None:  # "v3" for models/versions/v3/model.pth, "base-small" for runs/base-small/model.pth
-            name = model_path.parent.name if model_path.stem == "model" and model_path.parent.name else model_path.stem
-        return cls(model, tokenizer, name=name, dtype=dtype, compile=compile)
+        return cls(model, tokenizer, name=name or default_name, dtype=dtype, compile=compile)
 
     # -- the protocol
 

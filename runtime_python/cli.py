@@ -30,28 +30,29 @@ DEFAULT_EXPORT = Path("dist/export")
 class Runtime:
     backend: Any  # a ChatBackend: TorchBackend, OnnxBackend or HFBackend
     index: Any  # source.retrieval.Index | None
-    note: str | None  # one line for the user, e.g. why retrieval is off
+    note: str | None  # for the user, one line per note, e.g. why retrieval is off
 
 
 def load_runtime(model: str | None, tokenizer: Path | None, index_path: Path | None, no_retrieval: bool,
-                 device: str = "cpu", dtype: str = "fp32", backend_kind: str = "torch") -> Runtime:
-    """Resolve and load the model and (unless disabled) the retrieval index; ClickException on errors."""
-    from runtime_python.backends import TorchBackend, resolve_model
+                 device: str = "cpu", dtype: str = "fp32", backend_kind: str = "auto",
+                 batched: bool = False) -> Runtime:
+    """Resolve and load the model and (unless disabled) the retrieval index; ClickException on errors.
+    `batched` (the server): "auto" keeps TorchBackend, whose forward batches many requests."""
     from runtime_python.hf_backend import is_hf_folder
 
+    notes = []
     try:
-        if backend_kind == "onnx":
-            backend = _onnx_backend(model, device, dtype)
+        if backend_kind == "onnx" and _is_export(model):
+            backend = _export_backend(model, device, dtype)
         elif model is not None and is_hf_folder(model):
             backend = _hf_backend(model, tokenizer, device, dtype)
         else:
-            backend = TorchBackend.load(*resolve_model(model, tokenizer_dir=tokenizer), device=device, dtype=dtype)
+            backend, note = _pth_backend(model, tokenizer, device, dtype, backend_kind, batched)
+            notes += [note] if note else []
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
-    index, note = None, None
-    if no_retrieval:
-        note = None
-    else:
+    index = None
+    if not no_retrieval:
         path = index_path or DEFAULT_INDEX
         if path.exists():
             from source.retrieval import Index
@@ -62,13 +63,45 @@ def load_runtime(model: str | None, tokenizer: Path | None, index_path: Path | N
         elif index_path is not None:  # asked for explicitly: a typo should not pass silently
             raise click.ClickException(f"retrieval index {path} not found: build one with `builder index build`")
         else:
-            note = f"note: no retrieval index at {path}; answering without sources (`builder index build`)"
-    return Runtime(backend, index, note)
+            notes.append(f"note: no retrieval index at {path}; answering without sources (`builder index build`)")
+    return Runtime(backend, index, "\n".join(notes) or None)
 
 
-def _onnx_backend(model: str | None, device: str, dtype: str):
+def _is_export(model: str | None) -> bool:
+    """Whether `--backend onnx --model X` names an export folder (the default one when X is not given)."""
+    return model is None or (Path(model) / "config.json").is_file()
+
+
+def _pth_backend(model: str | None, tokenizer: Path | None, device: str, dtype: str, kind: str,
+                 batched: bool) -> tuple[Any, str | None]:
+    """A `.pth` (registry version or path) as TorchBackend or as OnnxBackend's in-memory GroupQueryAttention
+    graph: "onnx", or "auto" for fp32 on the CPU outside the server (the fastest exact path; torch when
+    onnxruntime is missing, with a note)."""
+    from runtime_python.backends import TorchBackend, load_checkpoint, pick_device, resolve_model
+
+    dev = pick_device(device)
+    if kind == "onnx" and (dtype != "fp32" or dev.type != "cpu"):
+        raise ValueError(f"--backend onnx runs a .pth in fp32 on the CPU (asked: {dtype} on {dev.type}); int8 ONNX "
+                         f"is an export folder's file (--model {DEFAULT_EXPORT})")
+    weights, tok, name = load_checkpoint(*resolve_model(model, tokenizer_dir=tokenizer), dev)
+    note = None
+    if kind == "onnx" or (kind == "auto" and not batched and dtype == "fp32" and dev.type == "cpu"):
+        try:
+            from runtime_python.onnx_backend import OnnxBackend
+            from source.onnx_graph import fits
+
+            if kind == "onnx" or fits(weights.cfg):
+                return OnnxBackend.from_model(weights, tok, name), None
+        except ImportError as e:
+            if kind == "onnx":
+                raise ValueError(f"--backend onnx needs {e.name}: pip install onnxruntime onnx") from None
+            note = f"note: {e.name} is not installed; running the model with torch (exact, slower)"
+    return TorchBackend(weights, tok, name=name, dtype=dtype), note
+
+
+def _export_backend(model: str | None, device: str, dtype: str):
     """An OnnxBackend over an export folder (`builder export`); fp32 or int8 (the q8 file)."""
-    from runtime_python.onnx_backend import OnnxBackend
+    from runtime_python.onnx_backend import ONNX_FILES, OnnxBackend
 
     if device not in ("cpu", "auto"):
         raise ValueError(f"--backend onnx runs on the CPU (onnxruntime CPUExecutionProvider), not {device!r}")
@@ -79,8 +112,6 @@ def _onnx_backend(model: str | None, device: str, dtype: str):
         raise FileNotFoundError(f"{folder} is not an export folder (no config.json): run `builder export --out "
                                 f"{folder}` or pass --model EXPORT_DIR")
     if dtype == "int8":
-        from runtime_python.onnx_backend import ONNX_FILES
-
         return OnnxBackend(folder, "q8-gqa" if (folder / "onnx" / ONNX_FILES["q8-gqa"]).is_file() else "q8")
     return OnnxBackend(folder, "fp32")
 
@@ -119,9 +150,10 @@ def _model_options(f: Callable) -> Callable:
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps or auto."),
         click.option("--dtype", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32", show_default=True,
                      help="Weights: fp32 (exact), bf16, int8 (CPU only, weight-only)."),
-        click.option("--backend", "backend_kind", type=click.Choice(["torch", "onnx"]), default="torch",
-                     show_default=True, help=f"torch runs a .pth; onnx runs an export folder (--model DIR, "
-                     f"default {DEFAULT_EXPORT}) with onnxruntime."),
+        click.option("--backend", "backend_kind", type=click.Choice(["auto", "torch", "onnx"]), default="auto",
+                     show_default=True, help="auto: a .pth in fp32 on the CPU runs in onnxruntime (exact, the fastest; "
+                     "serve keeps torch, which batches), anything else in torch. torch: PyTorch. onnx: onnxruntime, "
+                     f"on a .pth or an export folder (--model DIR, default {DEFAULT_EXPORT})."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -160,6 +192,7 @@ def chat(model: str | None, tokenizer: Path | None, index_path: Path | None, no_
     Examples:
       supermix chat
       supermix chat --model runs/sft-tiny/model.pth --tokenizer runs/tokenizer --no-retrieval
+      supermix chat --backend torch                 # PyTorch instead of onnxruntime
       supermix chat --backend onnx --model dist/export --dtype int8
       supermix chat --model ~/models/SmolLM2-135M-Instruct --no-retrieval
     Ctrl-C stops a reply; Ctrl-C or Ctrl-D at the prompt leaves.
@@ -253,7 +286,7 @@ def serve(model: str | None, tokenizer: Path | None, index_path: Path | None, no
     from runtime_python.server import create_app, run_server
 
     check_exposure(host, api_key, insecure_no_auth)  # before the slow model load
-    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype, backend_kind)
+    rt = load_runtime(model, tokenizer, index_path, no_retrieval, device, dtype, backend_kind, batched=True)
     if rt.note:
         click.echo(rt.note, err=True)
     app = create_app(rt.backend, rt.index, max_queue=max_queue, host=host, api_key=api_key,

@@ -158,10 +158,10 @@ def test_cli_export_prints_gate_table_and_chat_runs_on_onnx(tiny_base, tiny_work
 
 
 def test_int8_runtime_prefers_the_gqa_file_and_it_answers_like_the_portable_one(tiny_export):
-    from runtime_python.cli import _onnx_backend
+    from runtime_python.cli import _export_backend
     from runtime_python.onnx_backend import OnnxBackend
 
-    gqa = _onnx_backend(str(tiny_export), "cpu", "int8")
+    gqa = _export_backend(str(tiny_export), "cpu", "int8")
     assert gqa.dtype == "q8-gqa"
     portable = OnnxBackend(tiny_export, "q8")
     ids = [1, 10, 11, 12, 13, 14, 15, 16]

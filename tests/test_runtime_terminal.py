@@ -24,19 +24,20 @@ def model_args(tiny_base, tiny_workspace, tiny_index) -> list[str]:
     return ["--model", str(tiny_base), "--tokenizer", str(tiny_workspace["tokenizer"]), "--index", str(tiny_index)]
 
 
-# The tiny model writes ~1,500 tokens/s here: a reply is over before a Ctrl-C can land. The chat
-# test runs the real CLI with each decode step slowed to 20 ms, so a 150-token reply takes 3 s.
-SLOW_CLI = ("import sys, time; import runtime_python.backends as b; _decode = b.TorchBackend.decode; "
-            "b.TorchBackend.decode = lambda self, i: (time.sleep(0.02), _decode(self, i))[1]; "
+# The tiny model writes thousands of tokens/s here: a reply is over before a Ctrl-C can land. The chat
+# test runs the real CLI (its default backend, OnnxBackend over the .pth) with each decode step slowed
+# to 20 ms, so a 150-token reply takes 3 s.
+SLOW_CLI = ("import sys, time; import runtime_python.onnx_backend as b; _decode = b.OnnxBackend.decode; "
+            "b.OnnxBackend.decode = lambda self, i: (time.sleep(0.02), _decode(self, i))[1]; "
             "from runtime_python.cli import main; main(prog_name='supermix')")
 
 
 @pytest.fixture(scope="module")
 def seed(tiny_base, tiny_workspace) -> int:
-    from runtime_python.backends import TorchBackend
+    from runtime_python.onnx_backend import OnnxBackend
     from test_server import long_seed
 
-    return long_seed(TorchBackend.load(tiny_base, tiny_workspace["tokenizer"]))
+    return long_seed(OnnxBackend.from_checkpoint(tiny_base, tiny_workspace["tokenizer"]))
 
 
 def _env() -> dict:

@@ -1,17 +1,24 @@
 """The decoder as an onnxruntime contrib-op graph, written node by node with `onnx.helper`.
 
-`builder export`'s default ONNX graph. Per layer: SimplifiedLayerNormalization, one MatMul for q|k|v,
-one `com.microsoft.GroupQueryAttention` (rotary from cos/sin tables, causal mask, KV-cache concat and
-the grouped heads in one kernel), MatMul, residual Add, norm, one MatMul for gate|up, SiLU, MatMul,
-Add; onnxruntime fuses the Add + norm pairs itself. ~120 nodes instead of the ~510 that
+Two users: the runtime builds it in memory from a `.pth` (`OnnxBackend.from_checkpoint`, the default
+engine of `supermix chat|ask`), and `builder export` writes it, int8, as onnx/model_gqa_quantized.onnx.
+Per layer: SimplifiedLayerNormalization, one MatMul for q|k|v, one
+`com.microsoft.GroupQueryAttention` (rotary from cos/sin tables, causal mask, KV-cache append and the
+grouped heads in one kernel), MatMul, residual Add, norm, one MatMul for gate|up, SiLU, MatMul, Add;
+onnxruntime fuses the Add + norm pairs itself. ~120 nodes instead of the ~510 that
 `torch.onnx.export` of `OnnxForward` gives, and onnxruntime dispatches each node at a few microseconds,
 which at batch 1 is most of a token's time (docs/pages/benchmarks.md, `benchmarks/onnx_gqa.py`).
 
-Same HF input/output names as the torch graph. `position_ids` is accepted and unused:
+Same HF input/output names as the export's portable graph. `position_ids` is accepted and unused:
 GroupQueryAttention takes positions from the attention mask's length (row sum - 1 is the last key), so
 the graph is exact for batch 1 and right-padded batches, not for left-padded ones: `builder export
 --graph torch` keeps the plain-op graph for that. onnxruntime-web's wasm build carries the contrib
 kernels, so the browser runs this graph too.
+
+The KV cache can live in one preallocated buffer per layer and kind: when a `past_key_values.*` input
+is max_seq_len long and bound (IOBinding) to the very buffer its `present.*` output is bound to,
+GroupQueryAttention writes only the new positions into it and reads the first `total_sequence_length`
+(the mask's width) keys, instead of copying the whole cache into a new output every step.
 """
 
 from __future__ import annotations
@@ -20,11 +27,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from source.config import ModelConfig
 from source.model import Transformer
+
+
+def fits(cfg: ModelConfig) -> bool:
+    """Whether GroupQueryAttention's CPU kernel takes this shape: its rotary wants head_dim % 16 == 0."""
+    return cfg.head_dim % 16 == 0
+
 
 def contrib_graph(model: Transformer) -> onnx.ModelProto:
     """The decoder as an onnxruntime contrib-op graph (see the module docstring), HF IO names."""
-    cfg, sd = model.cfg, {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if not fits(model.cfg):
+        raise ValueError(f"head_dim {model.cfg.head_dim} is not a multiple of 16, which GroupQueryAttention's "
+                         "rotary needs: use the torch backend or `builder export --graph torch`")
+    cfg, sd = model.cfg, {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     H, KV, D, L = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     inits, nodes = [], []
 
@@ -104,31 +121,3 @@ def contrib_graph(model: Transformer) -> onnx.ModelProto:
     model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     model_proto.ir_version = 10  # what the torch graph has, and what onnxruntime-web 1.31 reads
     return model_proto
-
-
-def quantize_int8(src: str, dst: str) -> None:
-    """Dynamic int8 like the torch graph's (per-tensor, MatMul weights), then the tied table's Gather is
-    pointed at the int8 table: gather the int8 rows, dequantize only those. One int8 copy of the table
-    in the file, and no per-step dequantization of the whole table (onnxruntime-web cannot be told to
-    fold it at load)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
-                     op_types_to_quantize=["MatMul"],
-                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
-    model = onnx.load(dst)
-    quantized = any(i.name == "lm_head_t_quantized" for i in model.graph.initializer)
-    gather = next((n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "lm_head_t"), None)
-    if quantized and gather is not None:  # tied embeddings: the Gather reads the lm_head's table
-        gather.input[0] = "lm_head_t_quantized"
-        rows = gather.output[0]
-        gather.output[0] = rows + "_int8"
-        position = list(model.graph.node).index(gather) + 1
-        model.graph.node.insert(position, helper.make_node(
-            "DequantizeLinear", [rows + "_int8", "lm_head_t_scale", "lm_head_t_zero_point"], [rows],
-            name="DequantizeLinear_embedding_rows"))
-        used = {i for n in model.graph.node for i in n.input}
-        kept = [i for i in model.graph.initializer if i.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-    onnx.save(model, dst)
