@@ -1,0 +1,96 @@
+"""Matmuls whose shape a row never shares with the batch: why a request's logits are the same alone or batched.
+
+A CPU GEMM picks its micro-kernel, blocking and vector peeling by the matrix shape, so one row's sums
+round differently among 4 rows than among 8 (MKL 2024.2 on AVX-512 does so for most of our widths), and
+any rule of the kind "from N rows up the order is fixed" is a property of one BLAS build. So no row goes
+through a call whose shape depends on what else runs with it:
+- a decoded token, and the last position of a prompt (the lm_head), is one (1, K) x (K, N) item of a
+  batched matmul over a stride-0 view of the weight: the one-row kernel (GEMV), with Python's dispatch
+  paid once for all rows. Single-stream decoding wants that kernel anyway: a GEMM of 4+ rows costs
+  several times a GEMV here;
+- prompt tokens go in blocks of PROMPT_BLOCK rows aligned to absolute positions: position p is row
+  p % PROMPT_BLOCK of block p // PROMPT_BLOCK of its own sequence, whatever the chunking, the cached
+  prefix or the other requests, so it always meets the same (PROMPT_BLOCK, K) x (K, N) item; a GEMM's
+  row is computed from that row of its input alone, so the block's other rows (padding, or tokens of
+  another chunk) cannot change it;
+- attention (`attend`) takes keys in blocks of BLOCK: per block, (M, hd) x (hd, BLOCK) scores and
+  (M, BLOCK) x (BLOCK, hd) values, M fixed by the kind of row (G query heads for a decode,
+  PROMPT_BLOCK * G for a prompt block), summed block after block.
+The one dimension that still varies with the batch is the number of items in a batched call; MKL runs
+each item as it would run alone (checked for every shape here, one and two threads), and
+tests/test_batching.py compares logits alone and batched with `torch.equal`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 128  # keys per attention block
+PROMPT_BLOCK = 16  # prompt rows per GEMM item
+
+
+def chunk_end(pos: int, end: int, chunk: int) -> int:
+    """Where a prompt chunk starting at `pos` stops: at most `chunk` tokens, cut at a multiple of PROMPT_BLOCK
+    when that still leaves some, so a block is not computed twice by two chunks."""
+    stop = pos + chunk
+    if stop >= end:
+        return end
+    return stop - stop % PROMPT_BLOCK if stop - stop % PROMPT_BLOCK > pos else stop
+
+
+def block_layout(prompts: list[tuple[int, int, list[int]]],
+                 first_row: int) -> tuple[list[int], list[int], list[tuple[int, int, int]], list[int]]:
+    """Rows for prompt chunks (slot, first position, ids) in position-aligned blocks, from row `first_row` on:
+    (ids, positions, (slot, first row, keys to attend) per block, each chunk's first token row). Padding rows
+    hold token 0 at position 0: they ride along in their block; nothing reads their results or caches their K/V."""
+    ids, pos, blocks, firsts = [], [], [], []
+    for s, p, seg in prompts:
+        lead, end = p % PROMPT_BLOCK, p + len(seg)
+        tail = -end % PROMPT_BLOCK
+        blocks += [(s, r, end) for r in range(first_row + len(ids), first_row + len(ids) + lead + len(seg) + tail,
+                                               PROMPT_BLOCK)]
+        firsts.append(first_row + len(ids) + lead)
+        ids += [0] * lead + list(seg) + [0] * tail
+        pos += [0] * lead + list(range(p, end)) + [0] * tail
+    return ids, pos, blocks, firsts
+
+
+def linear_rows(x: torch.Tensor, w: torch.Tensor, nd: int) -> torch.Tensor:
+    """x @ w.T for `nd` one-row items, then blocks of PROMPT_BLOCK rows (fp32 weights)."""
+    wt, parts = w.t(), []
+    if nd:
+        parts.append(torch.bmm(x[:nd, None], wt.expand(nd, *wt.shape))[:, 0])
+    nb = (len(x) - nd) // PROMPT_BLOCK
+    if nb:
+        blocks = torch.bmm(x[nd:].reshape(nb, PROMPT_BLOCK, -1), wt.expand(nb, *wt.shape))
+        parts.append(blocks.view(nb * PROMPT_BLOCK, -1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def key_mask(qpos: torch.Tensor, n_keys: int, max_len: int) -> torch.Tensor:
+    """Which keys each query row may not see, block by block: (blocks, B or 1, M, BLOCK) for qpos (B or 1, M)
+    and the first `n_keys` keys (at most `max_len`). The same for every layer: built once per forward."""
+    n = -(-min(n_keys, max_len) // BLOCK)
+    return torch.arange(n * BLOCK, device=qpos.device).view(n, 1, 1, BLOCK) > qpos[None, ..., None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Causal attention of query rows over cached keys: q (B, M, hd), already scaled; k, v (B, max_len, hd);
+    `mask` from `key_mask`. -> (B, M, hd). The keys past a row's position give exact zeros and leave the max
+    alone, so a row's result is the same however many blocks of keys come with it: a token attends the same
+    in a decode step, in a prompt chunk, or beside longer sequences."""
+    n = mask.shape[0]
+    kb, vb = k[:, :n * BLOCK].split(BLOCK, 1), v[:, :n * BLOCK].split(BLOCK, 1)
+    s = q.new_empty(n, *q.shape[:2], BLOCK)  # (blocks, B, M, BLOCK)
+    for kj, sj in zip(kb, s.unbind(0)):
+        if kj.shape[1] == BLOCK:
+            torch.bmm(q, kj.transpose(1, 2), out=sj)
+        else:  # the cache's last block is short when max_len is not a multiple of BLOCK: the same for every row
+            sj.fill_(float("-inf"))[..., :kj.shape[1]] = torch.bmm(q, kj.transpose(1, 2))
+    e = s.masked_fill_(mask, float("-inf"))
+    e = e.sub_(e.amax((0, 3), keepdim=True)).exp_()
+    num = den = None
+    for ej, tj, vj in zip(e.unbind(0), e.sum(-1, keepdim=True).unbind(0), vb):
+        part = torch.bmm(ej if vj.shape[1] == BLOCK else ej[..., :vj.shape[1]], vj)
+        num, den = (part, tj) if num is None else (num + part, den + tj)
+    return num / den
