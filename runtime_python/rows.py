@@ -87,8 +87,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
             torch.bmm(q, kj.transpose(1, 2), out=sj)
         else:  # the cache's last block is short when max_len is not a multiple of BLOCK: the same for every row
             sj.fill_(float("-inf"))[..., :kj.shape[1]] = torch.bmm(q, kj.transpose(1, 2))
-    e = s.masked_fill_(mask, float("-inf"))
-    e = e.sub_(e.amax((0, 3), keepdim=True)).exp_()
+    s.masked_fill_(mask, float("-inf"))
+    # clamped so that exp never takes its slow path for -inf or underflow (several times slower here); the
+    # weights clamped are under 1e-34 beside the max's 1 and vanish in fp32 sums; the hidden keys are then zeroed
+    e = s.sub_(s.amax((0, 3), keepdim=True)).clamp_(min=-80.0).exp_().masked_fill_(mask, 0.0)
     num = den = None
     for ej, tj, vj in zip(e.unbind(0), e.sum(-1, keepdim=True).unbind(0), vb):
         part = torch.bmm(ej if vj.shape[1] == BLOCK else ej[..., :vj.shape[1]], vj)
