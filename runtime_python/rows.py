@@ -47,8 +47,9 @@ def block_layout(prompts: list[tuple[int, int, list[int]]],
     for s, p, seg in prompts:
         lead, end = p % PROMPT_BLOCK, p + len(seg)
         tail = -end % PROMPT_BLOCK
-        blocks += [(s, r, end) for r in range(first_row + len(ids), first_row + len(ids) + lead + len(seg) + tail,
-                                               PROMPT_BLOCK)]
+        n = (lead + len(seg) + tail) // PROMPT_BLOCK
+        blocks += [(s, first_row + len(ids) + j * PROMPT_BLOCK, min(end, p - lead + (j + 1) * PROMPT_BLOCK))
+                   for j in range(n)]  # a block attends up to its own last position
         firsts.append(first_row + len(ids) + lead)
         ids += [0] * lead + list(seg) + [0] * tail
         pos += [0] * lead + list(range(p, end)) + [0] * tail
