@@ -136,8 +136,9 @@ def pick_device(device: str) -> torch.device:
 
 # ----------------------------------------------------------------------------- linear kernels
 
-def _dense(w: torch.Tensor) -> tuple[torch.Tensor, Callable]:
-    return w, F.linear
+def _rows(w: torch.Tensor) -> tuple[torch.Tensor, Callable]:
+    """fp32: the weight transposed once here, for `rows.linear_rows` (its stride-0 bmm reads W.T)."""
+    return w.t(), linear_rows
 
 
 def _onednn_bf16(w: torch.Tensor) -> tuple[torch.Tensor, Callable]:
@@ -195,8 +196,8 @@ class TorchBackend(ChatBackend):
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # pre-packed oneDNN weights are opaque to inductor (it packs its own): plain bf16 under compile
         onednn = device.type == "cpu" and not compile
-        pack = {"fp32": _dense, "int8": _int8,
-                "bf16": _onednn_bf16 if onednn else (lambda w: _dense(w.to(torch.bfloat16)))}[dtype]
+        pack = {"fp32": _rows, "int8": _int8,
+                "bf16": _onednn_bf16 if onednn else (lambda w: (w.to(torch.bfloat16), F.linear))}[dtype]
         with torch.inference_mode():
             self._layers = []
             for block in model.layers:
@@ -302,8 +303,8 @@ class TorchBackend(ChatBackend):
         Q = PROMPT_BLOCK
         ids, rows = [t for _, _, t in decodes] + p_ids, nd + len(p_ids)
         pos = torch.tensor([p for _, p, _ in decodes] + p_pos, device=dev)
-        real = torch.tensor(list(range(nd)) + [r for (_, _, seg), f in zip(prompts, firsts)
-                                               for r in range(f, f + len(seg))], device=dev)  # rows to cache
+        real = slice(None) if not prompts else torch.tensor(list(range(nd)) + [  # the rows to cache: not the padding
+            r for (_, _, seg), f in zip(prompts, firsts) for r in range(f, f + len(seg))], device=dev)
         slot = torch.tensor([s for s, _, _ in decodes] + [s for s, _, seg in prompts for _ in seg], device=dev)
         w_pos = pos[real]
         cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # (rows, 1, hd): every head of a row
@@ -339,14 +340,14 @@ class TorchBackend(ChatBackend):
             gate, up = self._linear(h, wgu, nd).split(ffn, dim=-1)
             x = x + self._linear(F.silu(gate) * up, wd, nd)
         last = list(range(nd)) + [f + len(seg) - 1 for (_, _, seg), f in zip(prompts, firsts)]
-        h = F.rms_norm(x[last], dim, self._norm, eps).to(act)
+        h = F.rms_norm(x[last] if prompts else x, dim, self._norm, eps).to(act)
         return self._linear(h, self._lm_head, len(last)).float()
 
     def _linear(self, x: torch.Tensor, packed: tuple, nd: int) -> torch.Tensor:
         """x @ W.T for `nd` one-row items, then prompt blocks (`rows.linear_rows`). The bf16 and int8 kernels
         have no batched form: one call takes every row, so there a row's rounding may depend on the batch."""
         w, lin = packed
-        return linear_rows(x, w, nd) if lin is F.linear else lin(x, w)
+        return lin(x, w, nd) if lin is linear_rows else lin(x, w)
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:

@@ -24,6 +24,7 @@ tests/test_batching.py compares logits alone and batched with `torch.equal`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 BLOCK = 128  # keys per attention block
 PROMPT_BLOCK = 16  # prompt rows per GEMM item
@@ -56,9 +57,9 @@ def block_layout(prompts: list[tuple[int, int, list[int]]],
     return ids, pos, blocks, firsts
 
 
-def linear_rows(x: torch.Tensor, w: torch.Tensor, nd: int) -> torch.Tensor:
-    """x @ w.T for `nd` one-row items, then blocks of PROMPT_BLOCK rows (fp32 weights)."""
-    wt, parts = w.t(), []
+def linear_rows(x: torch.Tensor, wt: torch.Tensor, nd: int) -> torch.Tensor:
+    """x @ wt (the weight transposed, (K, N)) for `nd` one-row items, then blocks of PROMPT_BLOCK rows."""
+    parts = []
     if nd:
         parts.append(torch.bmm(x[:nd, None], wt.expand(nd, *wt.shape))[:, 0])
     nb = (len(x) - nd) // PROMPT_BLOCK
@@ -80,20 +81,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     `mask` from `key_mask`. -> (B, M, hd). The keys past a row's position give exact zeros and leave the max
     alone, so a row's result is the same however many blocks of keys come with it: a token attends the same
     in a decode step, in a prompt chunk, or beside longer sequences."""
-    n = mask.shape[0]
-    kb, vb = k[:, :n * BLOCK].split(BLOCK, 1), v[:, :n * BLOCK].split(BLOCK, 1)
-    s = q.new_empty(n, *q.shape[:2], BLOCK)  # (blocks, B, M, BLOCK)
-    for kj, sj in zip(kb, s.unbind(0)):
-        if kj.shape[1] == BLOCK:
-            torch.bmm(q, kj.transpose(1, 2), out=sj)
-        else:  # the cache's last block is short when max_len is not a multiple of BLOCK: the same for every row
-            sj.fill_(float("-inf"))[..., :kj.shape[1]] = torch.bmm(q, kj.transpose(1, 2))
-    s.masked_fill_(mask, float("-inf"))
+    kt, starts = k.transpose(1, 2), range(0, mask.shape[0] * BLOCK, BLOCK)
+    blocks = [torch.bmm(q, kt[..., b:b + BLOCK]) for b in starts]
+    if blocks[-1].shape[-1] < BLOCK:  # the cache's last block is short when max_len is not a multiple of BLOCK
+        blocks[-1] = F.pad(blocks[-1], (0, BLOCK - blocks[-1].shape[-1]), value=float("-inf"))
+    s = torch.stack(blocks).masked_fill_(mask, float("-inf"))  # (blocks, B, M, BLOCK)
     # clamped so that exp never takes its slow path for -inf or underflow (several times slower here); the
     # weights clamped are under 1e-34 beside the max's 1 and vanish in fp32 sums; the hidden keys are then zeroed
     e = s.sub_(s.amax((0, 3), keepdim=True)).clamp_(min=-80.0).exp_().masked_fill_(mask, 0.0)
+    totals = e.sum(-1, keepdim=True)
     num = den = None
-    for ej, tj, vj in zip(e.unbind(0), e.sum(-1, keepdim=True).unbind(0), vb):
-        part = torch.bmm(ej if vj.shape[1] == BLOCK else ej[..., :vj.shape[1]], vj)
-        num, den = (part, tj) if num is None else (num + part, den + tj)
+    for j, b in enumerate(starts):
+        vj = v[:, b:b + BLOCK]
+        part = torch.bmm(e[j] if vj.shape[1] == BLOCK else e[j, ..., :vj.shape[1]], vj)
+        num, den = (part, totals[j]) if num is None else (num + part, den + totals[j])
     return num / den
