@@ -22,6 +22,8 @@ Design choices:
   the weights are pre-packed for oneDNN, whose bf16 kernels beat plain `F.linear`),
   and "int8" (CPU only: weight-only int8 with one scale per output row, bf16 matmul inputs,
   `torch._weight_int8pack_mm`; a quarter of the fp32 weight bytes, small logit error, not exact).
+  bf16 and int8 keep a weaker batching guarantee: their kernels have no batched form, so one call
+  takes all of a step's rows and a batched request's logits may differ from alone in the last bits.
 - `compile=True` wraps the single-token step in `torch.compile` (dynamic shapes; the first
   decodes compile, which takes seconds). It gave no reliable gain on a small
   shared CPU, so it is off by default; `benchmarks/decode.py --compile` measures it on yours.
@@ -299,7 +301,7 @@ class TorchBackend(ChatBackend):
         H, KV, hd, G, ffn, eps = self._shape
         act, dev = self._act, self.device
         nd = len(decodes)
-        p_ids, p_pos, blocks, firsts = block_layout(prompts, nd)
+        p_ids, p_pos, chunks, firsts = block_layout(prompts, nd)
         Q = PROMPT_BLOCK
         ids, rows = [t for _, _, t in decodes] + p_ids, nd + len(p_ids)
         pos = torch.tensor([p for _, p, _ in decodes] + p_pos, device=dev)
@@ -314,7 +316,8 @@ class TorchBackend(ChatBackend):
             d_pos = torch.zeros(hi - lo, 1, G, dtype=torch.long, device=dev)
             d_pos[d_slot - lo] = pos[:nd, None, None]
             d_mask = key_mask(d_pos.expand(-1, KV, -1).reshape(-1, G), int(pos[:nd].max()) + 1, cache.k.shape[3])
-        p_masks = [key_mask(pos[r:r + Q].repeat_interleave(G)[None], n, cache.k.shape[3]) for _, r, n in blocks]
+        p_masks = [key_mask(pos[r:r + nb * Q].view(nb, Q).repeat_interleave(G, -1), end, cache.k.shape[3])
+                   for r, nb, end in chunks]
         x = F.embedding(torch.tensor(ids, device=dev), self._embed)  # (rows, dim) fp32 residual stream
         dim, half = (x.shape[-1],), hd // 2
         for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self._layers):
@@ -332,9 +335,11 @@ class TorchBackend(ChatBackend):
                 qd[d_slot - lo] = q[:nd]
                 out = attend(qd.view(-1, G, hd), k_cache[lo:hi].flatten(0, 1), v_cache[lo:hi].flatten(0, 1), d_mask)
                 y[:nd] = out.view(hi - lo, KV, G, hd)[d_slot - lo]
-            for (s, r, _), mask in zip(blocks, p_masks):  # each prompt block, causal over its own slot
-                qb = q[r:r + Q].permute(1, 0, 2, 3).reshape(KV, Q * G, hd)
-                y[r:r + Q] = attend(qb, k_cache[s], v_cache[s], mask).view(KV, Q, G, hd).permute(1, 0, 2, 3)
+            for (s, _, _), (r, nb, _), mask in zip(prompts, chunks, p_masks):  # causal over its own slot
+                qc, yc = q[r:r + nb * Q].view(nb, Q, KV, G, hd), y[r:r + nb * Q].view(nb, Q, KV, G, hd)
+                for j in range(KV):  # the chunk's blocks are the items, over a stride-0 view of the head's keys
+                    kv = (c[s, j].expand(nb, -1, -1) for c in (k_cache, v_cache))
+                    yc[:, :, j] = attend(qc[:, :, j].reshape(nb, Q * G, hd), *kv, mask).view(nb, Q, G, hd)
             x = x + self._linear(y.view(rows, H * hd).to(act), wo, nd)
             h = F.rms_norm(x, dim, ln2, eps).to(act)
             gate, up = self._linear(h, wgu, nd).split(ffn, dim=-1)

@@ -1,24 +1,26 @@
 """Matmuls whose shape a row never shares with the batch: why a request's logits are the same alone or batched.
 
-A CPU GEMM picks its micro-kernel, blocking and vector peeling by the matrix shape, so one row's sums
-round differently among 4 rows than among 8 (MKL 2024.2 on AVX-512 does so for most of our widths), and
-any rule of the kind "from N rows up the order is fixed" is a property of one BLAS build. So no row goes
-through a call whose shape depends on what else runs with it:
-- a decoded token, and the last position of a prompt (the lm_head), is one (1, K) x (K, N) item of a
+A CPU GEMM picks its micro-kernel, blocking and vector tails by the matrix shape, so the same row can
+round differently among 4 rows than among 8 (MKL 2024.2 on an Intel AVX-512 host, for most of our
+widths) or among 2 than among 4 (attention's products on an AMD EPYC host). Padding every call to a
+multiple of 4 rows relied on one BLAS build's behaviour. Here a row only ever meets calls of the one
+shape it always meets, whatever else runs:
+- a decoded token, and the last position of each prompt (the lm_head), is one (1, K) x (K, N) item of a
   batched matmul over a stride-0 view of the weight: the one-row kernel (GEMV), with Python's dispatch
   paid once for all rows. Single-stream decoding wants that kernel anyway: a GEMM of 4+ rows costs
   several times a GEMV here;
 - prompt tokens go in blocks of PROMPT_BLOCK rows aligned to absolute positions: position p is row
   p % PROMPT_BLOCK of block p // PROMPT_BLOCK of its own sequence, whatever the chunking, the cached
-  prefix or the other requests, so it always meets the same (PROMPT_BLOCK, K) x (K, N) item; a GEMM's
-  row is computed from that row of its input alone, so the block's other rows (padding, or tokens of
-  another chunk) cannot change it;
+  prefix or the other requests, so it always meets the same (PROMPT_BLOCK, K) x (K, N) item. A GEMM
+  computes a row from that row of its input alone, so the block's other rows (padding, or tokens that
+  belong to another chunk) cannot change it;
 - attention (`attend`) takes keys in blocks of BLOCK: per block, (M, hd) x (hd, BLOCK) scores and
-  (M, BLOCK) x (BLOCK, hd) values, M fixed by the kind of row (G query heads for a decode,
-  PROMPT_BLOCK * G for a prompt block), summed block after block.
-The one dimension that still varies with the batch is the number of items in a batched call; MKL runs
-each item as it would run alone (checked for every shape here, one and two threads), and
-tests/test_batching.py compares logits alone and batched with `torch.equal`.
+  (M, BLOCK) x (BLOCK, hd) values, with M fixed by the kind of row (the G query heads of one decode,
+  or a prompt block's PROMPT_BLOCK * G), summed block after block.
+What still varies with the batch is how many items a batched matmul holds; MKL computes each item as it
+would alone (checked for every shape above on the AMD host, one and two threads), and tests/test_batching.py
+compares logits alone and batched with `torch.equal`. The cost: prompt rows padded to whole blocks, and
+more, smaller matmuls in prefill (docs/pages/decisions.md has the figures).
 """
 
 from __future__ import annotations
@@ -42,19 +44,18 @@ def chunk_end(pos: int, end: int, chunk: int) -> int:
 def block_layout(prompts: list[tuple[int, int, list[int]]],
                  first_row: int) -> tuple[list[int], list[int], list[tuple[int, int, int]], list[int]]:
     """Rows for prompt chunks (slot, first position, ids) in position-aligned blocks, from row `first_row` on:
-    (ids, positions, (slot, first row, keys to attend) per block, each chunk's first token row). Padding rows
-    hold token 0 at position 0: they ride along in their block; nothing reads their results or caches their K/V."""
-    ids, pos, blocks, firsts = [], [], [], []
-    for s, p, seg in prompts:
+    (ids, positions, (first block row, blocks, keys to attend) per chunk, each chunk's first token row). Padding
+    rows hold token 0 at position 0: they ride along in their block; nothing reads their results or caches their
+    K/V."""
+    ids, pos, chunks, firsts = [], [], [], []
+    for _, p, seg in prompts:
         lead, end = p % PROMPT_BLOCK, p + len(seg)
         tail = -end % PROMPT_BLOCK
-        n = (lead + len(seg) + tail) // PROMPT_BLOCK
-        blocks += [(s, first_row + len(ids) + j * PROMPT_BLOCK, min(end, p - lead + (j + 1) * PROMPT_BLOCK))
-                   for j in range(n)]  # a block attends up to its own last position
+        chunks.append((first_row + len(ids), (lead + len(seg) + tail) // PROMPT_BLOCK, end))
         firsts.append(first_row + len(ids) + lead)
         ids += [0] * lead + list(seg) + [0] * tail
         pos += [0] * lead + list(range(p, end)) + [0] * tail
-    return ids, pos, blocks, firsts
+    return ids, pos, chunks, firsts
 
 
 def linear_rows(x: torch.Tensor, wt: torch.Tensor, nd: int) -> torch.Tensor:
