@@ -43,7 +43,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from runtime_python.rows import PROMPT_BLOCK, attend, block_layout, chunk_end, key_mask, linear_rows
+from runtime_python.rows import BLOCK, PROMPT_BLOCK, attend, block_layout, chunk_end, key_mask, linear_rows
 from source.checkpoint import load_model
 from source.model import KVCache, Transformer
 from source.tokenizer import Tokenizer
@@ -316,8 +316,9 @@ class TorchBackend(ChatBackend):
             d_pos = torch.zeros(hi - lo, 1, G, dtype=torch.long, device=dev)
             d_pos[d_slot - lo] = pos[:nd, None, None]
             d_mask = key_mask(d_pos.expand(-1, KV, -1).reshape(-1, G), int(pos[:nd].max()) + 1, cache.k.shape[3])
-        p_masks = [key_mask(pos[r:r + nb * Q].view(nb, Q).repeat_interleave(G, -1), end, cache.k.shape[3])
-                   for r, nb, end in chunks]
+        # a chunk's blocks x kv heads are the items of one batched attention, (blocks * KV, Q * G) query rows
+        p_masks = [key_mask(pos[r:r + nb * Q].view(nb, 1, Q).expand(-1, KV, -1).repeat_interleave(G, -1).flatten(0, 1),
+                            end, cache.k.shape[3]) for r, nb, end in chunks]
         x = F.embedding(torch.tensor(ids, device=dev), self._embed)  # (rows, dim) fp32 residual stream
         dim, half = (x.shape[-1],), hd // 2
         for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self._layers):
@@ -336,10 +337,11 @@ class TorchBackend(ChatBackend):
                 out = attend(qd.view(-1, G, hd), k_cache[lo:hi].flatten(0, 1), v_cache[lo:hi].flatten(0, 1), d_mask)
                 y[:nd] = out.view(hi - lo, KV, G, hd)[d_slot - lo]
             for (s, _, _), (r, nb, _), mask in zip(prompts, chunks, p_masks):  # causal over its own slot
-                qc, yc = q[r:r + nb * Q].view(nb, Q, KV, G, hd), y[r:r + nb * Q].view(nb, Q, KV, G, hd)
-                for j in range(KV):  # the chunk's blocks are the items, over a stride-0 view of the head's keys
-                    kv = (c[s, j].expand(nb, -1, -1) for c in (k_cache, v_cache))
-                    yc[:, :, j] = attend(qc[:, :, j].reshape(nb, Q * G, hd), *kv, mask).view(nb, Q, G, hd)
+                qc = q[r:r + nb * Q].view(nb, Q, KV, G, hd).transpose(1, 2).reshape(nb * KV, Q * G, hd)
+                # each block gets its own copy of the keys it reads: one attend call a chunk, not one a block
+                span = min(mask.shape[1] * BLOCK, k_cache.shape[2])
+                kc, vc = (c[s, :, :span].expand(nb, -1, -1, -1).reshape(nb * KV, span, hd) for c in (k_cache, v_cache))
+                y[r:r + nb * Q] = attend(qc, kc, vc, mask).view(nb, KV, Q, G, hd).transpose(1, 2).flatten(0, 1)
             x = x + self._linear(y.view(rows, H * hd).to(act), wo, nd)
             h = F.rms_norm(x, dim, ln2, eps).to(act)
             gate, up = self._linear(h, wgu, nd).split(ffn, dim=-1)

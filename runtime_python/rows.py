@@ -71,29 +71,33 @@ def linear_rows(x: torch.Tensor, wt: torch.Tensor, nd: int) -> torch.Tensor:
 
 
 def key_mask(qpos: torch.Tensor, n_keys: int, max_len: int) -> torch.Tensor:
-    """Which keys each query row may not see, block by block: (blocks, B or 1, M, BLOCK) for qpos (B or 1, M)
+    """Which keys each query row may not see, block by block: (B or 1, blocks, M, BLOCK) for qpos (B or 1, M)
     and the first `n_keys` keys (at most `max_len`). The same for every layer: built once per forward."""
     n = -(-min(n_keys, max_len) // BLOCK)
-    return torch.arange(n * BLOCK, device=qpos.device).view(n, 1, 1, BLOCK) > qpos[None, ..., None]
+    return torch.arange(n * BLOCK, device=qpos.device).view(1, n, 1, BLOCK) > qpos[:, None, :, None]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Causal attention of query rows over cached keys: q (B, M, hd), already scaled; k, v (B, max_len, hd);
-    `mask` from `key_mask`. -> (B, M, hd). The keys past a row's position give exact zeros and leave the max
-    alone, so a row's result is the same however many blocks of keys come with it: a token attends the same
-    in a decode step, in a prompt chunk, or beside longer sequences."""
-    kt, starts = k.transpose(1, 2), range(0, mask.shape[0] * BLOCK, BLOCK)
-    blocks = [torch.bmm(q, kt[..., b:b + BLOCK]) for b in starts]
-    if blocks[-1].shape[-1] < BLOCK:  # the cache's last block is short when max_len is not a multiple of BLOCK
-        blocks[-1] = F.pad(blocks[-1], (0, BLOCK - blocks[-1].shape[-1]), value=float("-inf"))
-    s = torch.stack(blocks).masked_fill_(mask, float("-inf"))  # (blocks, B, M, BLOCK)
+    `mask` from `key_mask`. -> (B, M, hd). Every (row group, key block) pair is one item of the two batched
+    matmuls, and the blocks are summed in order: the keys past a row's position give exact zeros and leave
+    the max alone, so a row's result is the same however many blocks of keys come with it (a token attends
+    the same in a decode step, in a prompt chunk, or beside longer sequences)."""
+    (B, M, hd), n = q.shape, mask.shape[1]
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:  # (B * n, BLOCK, hd), block j of item b at b * n + j
+        t = t[:, :n * BLOCK]
+        if t.shape[1] < n * BLOCK:  # the cache's last block is short when max_len is not a multiple of BLOCK
+            t = F.pad(t, (0, 0, 0, n * BLOCK - t.shape[1]))
+        return t.reshape(B * n, BLOCK, hd)
+
+    s = torch.bmm(q[:, None].expand(B, n, M, hd).reshape(B * n, M, hd), blocks(k).transpose(1, 2))
+    s = s.view(B, n, M, BLOCK).masked_fill_(mask, float("-inf"))
     # clamped so that exp never takes its slow path for -inf or underflow (several times slower here); the
     # weights clamped are under 1e-34 beside the max's 1 and vanish in fp32 sums; the hidden keys are then zeroed
-    e = s.sub_(s.amax((0, 3), keepdim=True)).clamp_(min=-80.0).exp_().masked_fill_(mask, 0.0)
-    totals = e.sum(-1, keepdim=True)
-    num = den = None
-    for j, b in enumerate(starts):
-        vj = v[:, b:b + BLOCK]
-        part = torch.bmm(e[j] if vj.shape[1] == BLOCK else e[j, ..., :vj.shape[1]], vj)
-        num, den = (part, totals[j]) if num is None else (num + part, den + totals[j])
+    e = s.sub_(s.amax((1, 3), keepdim=True)).clamp_(min=-80.0).exp_().masked_fill_(mask, 0.0)
+    parts, totals = torch.bmm(e.view(B * n, M, BLOCK), blocks(v)).view(B, n, M, hd), e.sum(-1, keepdim=True)
+    num, den = parts[:, 0], totals[:, 0]
+    for j in range(1, n):
+        num, den = num + parts[:, j], den + totals[:, j]
     return num / den
