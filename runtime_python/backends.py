@@ -12,15 +12,18 @@ Design choices:
   position of each sequence only; the `KVCache` preallocated and written in place.
 - One forward, `forward_rows`, for one sequence or many: it takes (slot, position, ids) segments,
   so the batching engine (`runtime_python/batching.py`) and this batch-1 backend run the same code.
-  It is row-independent (ROW_QUANTUM, `attend`): a sequence gets the same logits, bit for bit, alone,
-  batched with others, with its prompt in chunks of any size, or after a cached prefix. So prefill
-  runs in PREFILL_CHUNK pieces and reuses the K/V of the previous prompt's common prefix (a chat's
-  earlier turns). The result equals `Transformer.forward` to float rounding (tested).
+  In fp32 a sequence gets the same logits, bit for bit, alone, batched with others, with its prompt
+  in chunks of any size, or after a cached prefix: no row's matmul has a shape that depends on the
+  rest of the batch (`runtime_python/rows.py` says how). So prefill runs in PREFILL_CHUNK pieces and
+  reuses the K/V of the previous prompt's common prefix (a chat's earlier turns). The result equals
+  `Transformer.forward` to float rounding (tested).
 - dtypes: "fp32" (default; the reference numerics), "bf16" (bf16 weights and matmul inputs; the
   residual stream and norms stay fp32 as under the bf16 autocast the model trained with; on CPU
   the weights are pre-packed for oneDNN, whose bf16 kernels beat plain `F.linear`),
   and "int8" (CPU only: weight-only int8 with one scale per output row, bf16 matmul inputs,
   `torch._weight_int8pack_mm`; a quarter of the fp32 weight bytes, small logit error, not exact).
+  bf16 and int8 keep a weaker batching guarantee: their kernels have no batched form, so one call
+  takes all of a step's rows and a batched request's logits may differ from alone in the last bits.
 - `compile=True` wraps the single-token step in `torch.compile` (dynamic shapes; the first
   decodes compile, which takes seconds). It gave no reliable gain on a small
   shared CPU, so it is off by default; `benchmarks/decode.py --compile` measures it on yours.
@@ -35,13 +38,13 @@ from __future__ import annotations
 
 import math
 import re
-from functools import cached_property
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
+from runtime_python.rows import BLOCK, PROMPT_BLOCK, attend, block_layout, chunk_end, key_mask, linear_rows
 from source.checkpoint import load_model
 from source.model import KVCache, Transformer
 from source.tokenizer import ChatTokenizer, Tokenizer
@@ -49,13 +52,6 @@ from source.tokenizer import ChatTokenizer, Tokenizer
 DTYPES = ("fp32", "bf16", "int8")
 DEVICES = ("cpu", "cuda", "mps", "auto")
 DEFAULT_TOKENIZER_DIR = Path("runs/tokenizer")
-# CPU GEMM kernels (MKL, oneDNN) pick their micro-kernel by the row count, and 1, 2 or 3 rows round
-# differently from 4+; from 4 rows up, in multiples of 4, each row's sums run in the same order whatever
-# the other rows hold (checked on AVX-512 MKL and oneDNN; tests/test_batching.py checks it end to end).
-# So every matmul here gets a multiple of 4 rows (zero rows pad), which makes a row's logits independent
-# of the batch it ran in.
-ROW_QUANTUM = 4
-BLOCK = 128  # keys per attention block (see `attend`)
 PREFILL_CHUNK = 128  # prompt tokens per forward
 
 
@@ -162,8 +158,9 @@ def pick_device(device: str) -> torch.device:
 
 # ----------------------------------------------------------------------------- linear kernels
 
-def _dense(w: torch.Tensor) -> tuple[torch.Tensor, Callable]:
-    return w, F.linear
+def _rows(w: torch.Tensor) -> tuple[torch.Tensor, Callable]:
+    """fp32: the weight transposed once here, for `rows.linear_rows` (its stride-0 bmm reads W.T)."""
+    return w.t(), linear_rows
 
 
 def _onednn_bf16(w: torch.Tensor) -> tuple[torch.Tensor, Callable]:
@@ -221,8 +218,8 @@ class TorchBackend(ChatBackend):
         H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # pre-packed oneDNN weights are opaque to inductor (it packs its own): plain bf16 under compile
         onednn = device.type == "cpu" and not compile
-        pack = {"fp32": _dense, "int8": _int8,
-                "bf16": _onednn_bf16 if onednn else (lambda w: _dense(w.to(torch.bfloat16)))}[dtype]
+        pack = {"fp32": _rows, "int8": _int8,
+                "bf16": _onednn_bf16 if onednn else (lambda w: (w.to(torch.bfloat16), F.linear))}[dtype]
         with torch.inference_mode():
             self._layers = []
             for block in model.layers:
@@ -242,13 +239,6 @@ class TorchBackend(ChatBackend):
         self.cached_tokens = 0  # of the last prompt, reused from the one before
         self._shape = (H, KV, hd, H // KV, cfg.ffn_hidden, cfg.norm_eps)
         self._step = torch.compile(self.forward_rows, dynamic=True) if compile else self.forward_rows
-
-    @cached_property
-    def row_exact(self) -> bool:
-        """Whether batched greedy output equals running alone here: fp32, and this machine's GEMM kernels keep
-        ROW_QUANTUM's premise for every weight (measured on first use, not at load)."""
-        weights = [p[0] for layer in self._layers for p in (layer[1], layer[2], layer[4], layer[5])]
-        return self.dtype == "fp32" and all(gemm_rows_independent(w) for w in weights + [self._lm_head[0]])
 
     @classmethod
     def load(cls, model_path: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu",
@@ -273,14 +263,17 @@ class TorchBackend(ChatBackend):
         if len(ids) > self.max_seq_len:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's window of {self.max_seq_len}")
         # the K/V of the previous prompt's common prefix (a chat's earlier turns) are bit for bit what a
-        # recomputation would give (forward_rows is row-independent); decoded tokens' K/V came from the
-        # one-row kernels, so they are recomputed; at least one token is always run, for the logits
+        # recomputation would give (in fp32; see forward_rows); decoded tokens' K/V came from the one-row
+        # kernels, not the prompt blocks, so they are recomputed; at least one token always runs, for the logits
         keep = common_prefix(self._tokens[:self._prompted], ids, len(ids) - 1)
         del self._tokens[keep:]  # in place: copies of this backend (tests' Steered) share the list
         self.cached_tokens = keep
         with torch.inference_mode():
-            for start in range(keep, len(ids), PREFILL_CHUNK):
-                logits = self.forward_rows([], [(0, start, ids[start:start + PREFILL_CHUNK])], self.cache)[0]
+            start = keep
+            while start < len(ids):
+                end = chunk_end(start, len(ids), PREFILL_CHUNK)
+                logits = self.forward_rows([], [(0, start, ids[start:end])], self.cache)[0]
+                start = end
         self._tokens.extend(ids[keep:])
         self._prompted = self.cache.length = len(ids)
         return logits
@@ -310,32 +303,30 @@ class TorchBackend(ChatBackend):
         `decodes` are (slot, position, token id), `prompts` (slot, position of the first id, ids), a prompt
         or a chunk of one. K/V are written into `cache` (layers, slots, ...). Returns fp32 logits
         (len(decodes) + len(prompts), vocab): each decode's, then each prompt's last token's.
-        Mirrors `Transformer.forward`. Row-independent: a decoded token goes through the one-row kernels
-        (`_linear`), prompt tokens through GEMMs of a multiple of ROW_QUANTUM rows, and attention through
-        `attend`, so a sequence's logits do not depend on what else is in the batch or how its prompt
-        was chunked."""
+        Mirrors `Transformer.forward`. The rows are laid out for `runtime_python/rows.py`, whose matmuls give
+        a row the same result in any batch: decodes first, one row each, then each prompt chunk in
+        position-aligned blocks."""
         H, KV, hd, G, ffn, eps = self._shape
         act, dev = self._act, self.device
         nd = len(decodes)
-        prompt_ids = [t for _, _, seg in prompts for t in seg]
-        pad = -len(prompt_ids) % ROW_QUANTUM
-        ids = [t for _, _, t in decodes] + prompt_ids + [0] * pad
-        rows, n = len(ids), len(ids) - pad
-        pos = torch.tensor([p for _, p, _ in decodes] + [p + j for _, p, seg in prompts for j in range(len(seg))]
-                           + [0] * pad, device=dev)
-        slot = torch.tensor([s for s, _, _ in decodes] + [s for s, _, seg in prompts for _ in seg], dtype=torch.long,
-                            device=dev)
+        p_ids, p_pos, chunks, firsts = block_layout(prompts, nd)
+        Q = PROMPT_BLOCK
+        ids, rows = [t for _, _, t in decodes] + p_ids, nd + len(p_ids)
+        pos = torch.tensor([p for _, p, _ in decodes] + p_pos, device=dev)
+        real = slice(None) if not prompts else torch.tensor(list(range(nd)) + [  # the rows to cache: not the padding
+            r for (_, _, seg), f in zip(prompts, firsts) for r in range(f, f + len(seg))], device=dev)
+        slot = torch.tensor([s for s, _, _ in decodes] + [s for s, _, seg in prompts for _ in seg], device=dev)
+        w_pos = pos[real]
         cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # (rows, 1, hd): every head of a row
-        firsts = [nd]
-        for _, _, seg in prompts:
-            firsts.append(firsts[-1] + len(seg))
         if nd:  # decodes attend together over the range of slots they occupy
             d_slot = slot[:nd]
             lo, hi = int(d_slot.min()), int(d_slot.max()) + 1
-            m = G + (-G % ROW_QUANTUM)
-            d_pos = torch.zeros(hi - lo, 1, m, dtype=torch.long, device=dev)
+            d_pos = torch.zeros(hi - lo, 1, G, dtype=torch.long, device=dev)
             d_pos[d_slot - lo] = pos[:nd, None, None]
-            d_pos = d_pos.expand(-1, KV, -1).reshape(-1, m)
+            d_mask = key_mask(d_pos.expand(-1, KV, -1).reshape(-1, G), int(pos[:nd].max()) + 1, cache.k.shape[3])
+        # a chunk's blocks x kv heads are the items of one batched attention, (blocks * KV, Q * G) query rows
+        p_masks = [key_mask(pos[r:r + nb * Q].view(nb, 1, Q).expand(-1, KV, -1).repeat_interleave(G, -1).flatten(0, 1),
+                            end, cache.k.shape[3]) for r, nb, end in chunks]
         x = F.embedding(torch.tensor(ids, device=dev), self._embed)  # (rows, dim) fp32 residual stream
         dim, half = (x.shape[-1],), hd // 2
         for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self._layers):
@@ -344,51 +335,34 @@ class TorchBackend(ChatBackend):
             qk = qkv[:, :H + KV]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # RoPE, HF layout
             k_cache, v_cache = cache.k[i], cache.v[i]  # (slots, KV, max_len, hd)
-            k_cache[slot, :, pos[:n]] = qk[:n, H:]
-            v_cache[slot, :, pos[:n]] = qkv[:n, H + KV:]
+            k_cache[slot, :, w_pos] = qk[real, H:]
+            v_cache[slot, :, w_pos] = qkv[real, H + KV:]
             q = qk[:, :H].reshape(rows, KV, G, hd)  # head h reads kv head h // G, as in HF's repeat_kv
             y = torch.zeros(rows, KV, G, hd, device=dev)
             if nd:
-                qd = torch.zeros(hi - lo, KV, m, hd, device=dev)
-                qd[d_slot - lo, :, :G] = q[:nd]
-                out = attend(qd.view(-1, m, hd), k_cache[lo:hi].flatten(0, 1), v_cache[lo:hi].flatten(0, 1),
-                             d_pos, int(pos[:nd].max()) + 1)
-                y[:nd] = out.view(hi - lo, KV, m, hd)[d_slot - lo, :, :G]
-            for (s, p, seg), r0 in zip(prompts, firsts):  # each prompt chunk: causal over its own slot
-                T, tg = len(seg), len(seg) * G
-                qc = F.pad(q[r0:r0 + T].permute(1, 0, 2, 3).reshape(KV, tg, hd), (0, 0, 0, -tg % ROW_QUANTUM))
-                qpos = F.pad(torch.arange(p, p + T, device=dev).repeat_interleave(G), (0, -tg % ROW_QUANTUM))
-                out = attend(qc, k_cache[s], v_cache[s], qpos[None], p + T)
-                y[r0:r0 + T] = out[:, :tg].view(KV, T, G, hd).permute(1, 0, 2, 3)
+                qd = torch.zeros(hi - lo, KV, G, hd, device=dev)
+                qd[d_slot - lo] = q[:nd]
+                out = attend(qd.view(-1, G, hd), k_cache[lo:hi].flatten(0, 1), v_cache[lo:hi].flatten(0, 1), d_mask)
+                y[:nd] = out.view(hi - lo, KV, G, hd)[d_slot - lo]
+            for (s, _, _), (r, nb, _), mask in zip(prompts, chunks, p_masks):  # causal over its own slot
+                qc = q[r:r + nb * Q].view(nb, Q, KV, G, hd).transpose(1, 2).reshape(nb * KV, Q * G, hd)
+                # each block gets its own copy of the keys it reads: one attend call a chunk, not one a block
+                span = min(mask.shape[1] * BLOCK, k_cache.shape[2])
+                kc, vc = (c[s, :, :span].expand(nb, -1, -1, -1).reshape(nb * KV, span, hd) for c in (k_cache, v_cache))
+                y[r:r + nb * Q] = attend(qc, kc, vc, mask).view(nb, KV, Q, G, hd).transpose(1, 2).flatten(0, 1)
             x = x + self._linear(y.view(rows, H * hd).to(act), wo, nd)
             h = F.rms_norm(x, dim, ln2, eps).to(act)
             gate, up = self._linear(h, wgu, nd).split(ffn, dim=-1)
             x = x + self._linear(F.silu(gate) * up, wd, nd)
-        last = list(range(nd)) + [f - 1 for f in firsts[1:]]
-        h = F.rms_norm(x[last + [0] * (-len(prompts) % ROW_QUANTUM)], dim, self._norm, eps).to(act)
-        return self._linear(h, self._lm_head, nd)[:len(last)].float()
+        last = list(range(nd)) + [f + len(seg) - 1 for (_, _, seg), f in zip(prompts, firsts)]
+        h = F.rms_norm(x[last] if prompts else x, dim, self._norm, eps).to(act)
+        return self._linear(h, self._lm_head, len(last)).float()
 
     def _linear(self, x: torch.Tensor, packed: tuple, nd: int) -> torch.Tensor:
-        """x @ W.T for `nd` decode rows, then prompt rows (a multiple of ROW_QUANTUM). Decode rows use the
-        one-row kernel (GEMV), as a lone decode would: several of them as a bmm over a stride-0 view of W,
-        which runs that same kernel per row (checked equal) while paying Python's dispatch once. GEMV is
-        also what makes single-stream decoding fast: a 4-row GEMM costs several times a 1-row one here.
-        The bf16/int8 kernels have no such form: their decode rows share one GEMM (not row-exact)."""
+        """x @ W.T for `nd` one-row items, then prompt blocks (`rows.linear_rows`). The bf16 and int8 kernels
+        have no batched form: one call takes every row, so there a row's rounding may depend on the batch."""
         w, lin = packed
-        if nd == 0 or lin is not F.linear:
-            return lin(x, w)
-        dec = F.linear(x[:nd], w) if nd == 1 else torch.bmm(x[:nd, None], w.t().expand(nd, *w.t().shape))[:, 0]
-        return dec if nd == len(x) else torch.cat([dec, lin(x[nd:], w)])
-
-
-def gemm_rows_independent(w: torch.Tensor) -> bool:
-    """Whether this machine's GEMM gives a row the same sums among 4 rows as among 8, 12 or 16 (the premise
-    of ROW_QUANTUM). It held on the AVX-512 host the batching was built on; an Intel host with MKL 2024.2
-    rounds 4-row and 8-row GEMMs of most of these widths differently, and there a batched request's
-    greedy tokens can differ from the same request alone."""
-    x = torch.randn(16, w.shape[1], generator=torch.Generator().manual_seed(0), dtype=w.dtype)
-    ref = F.linear(x[:4], w)
-    return all(torch.equal(F.linear(x[:m], w)[:4], ref) for m in (8, 12, 16))
+        return lin(x, w, nd) if lin is linear_rows else lin(x, w)
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -399,24 +373,6 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
             break
         n += 1
     return n
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """Causal attention of query rows over cached keys: q (B, M, hd), already scaled, M a multiple of
-    ROW_QUANTUM; k, v (B, max_len, hd); qpos (B or 1, M) the position of each row, which sees keys 0..qpos.
-    -> (B, M, hd). Keys go in fixed blocks of BLOCK, summed block after block: a row's result is the same
-    for any `n_keys` past its own position (later blocks add exact zeros), so a token attends the same in
-    a decode step, in a prompt chunk, or beside longer sequences."""
-    span = min(-(-n_keys // BLOCK) * BLOCK, k.shape[1])
-    s = torch.bmm(q, k[:, :span].transpose(1, 2))
-    s.masked_fill_(torch.arange(span, device=q.device) > qpos[..., None], float("-inf"))
-    e = (s - s.amax(-1, keepdim=True)).exp_()
-    num, den = None, None
-    for b in range(0, span, BLOCK):
-        eb = e[..., b:b + BLOCK]
-        part, total = torch.bmm(eb, v[:, b:b + BLOCK]), eb.sum(-1, keepdim=True)
-        num, den = (part, total) if num is None else (num + part, den + total)
-    return num / den
 
 
 def __getattr__(name: str):

@@ -13,8 +13,10 @@ Design choices:
   oldest request first, up to `step_tokens` prompt tokens in all: a long prompt never holds up the
   others' decoding for more than one chunk. Requests join and leave between steps; a step first
   waits up to `gather` seconds for the requests the last one served, so batches stay full.
-- Exact: `TorchBackend.forward_rows` is row-independent, so a request's logits, and so its greedy
-  reply, are bit for bit the same alone or in any batch (tests/test_batching.py).
+- Exact (fp32): no row's matmul in `TorchBackend.forward_rows` has a shape that depends on the rest
+  of the batch (`runtime_python/rows.py`), so a request's logits, and so its greedy reply, are bit for
+  bit the same alone or in any batch (tests/test_batching.py). Chunks end on a multiple of
+  `rows.PROMPT_BLOCK` where they can (`chunk_end`), as alone: no prompt block is computed twice.
 - Prompt cache: a freed slot keeps its K/V and the ids behind them. A new prompt takes the free slot
   sharing the longest prefix with it (least recently used among equals) and, when another slot, busy
   or free, shares a longer one (the system prompt, an earlier turn of the same chat), copies those
@@ -35,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from runtime_python.backends import TorchBackend, common_prefix
+from runtime_python.rows import chunk_end
 from source.model import KVCache
 
 
@@ -208,7 +211,7 @@ class Engine:
         dec = [s for s in self.live if s.token is not None]
         pro, chunks, budget = [], [], self.step_tokens
         for s in sorted((s for s in self.live if s.todo), key=lambda s: s.order):
-            take = min(self.chunk, len(s.todo))
+            take = chunk_end(s.pos, s.pos + len(s.todo), self.chunk) - s.pos
             if take > budget:
                 break
             budget -= take
