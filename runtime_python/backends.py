@@ -256,12 +256,7 @@ class TorchBackend(ChatBackend):
     # -- the protocol
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        if self._layers is None:
-            raise RuntimeError("this backend was released")
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        if len(ids) > self.max_seq_len:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's window of {self.max_seq_len}")
+        check_prompt(ids, self.max_seq_len, released=self._layers is None)
         # the K/V of the previous prompt's common prefix (a chat's earlier turns) are bit for bit what a
         # recomputation would give (in fp32; see forward_rows); decoded tokens' K/V came from the one-row
         # kernels, not the prompt blocks, so they are recomputed; at least one token always runs, for the logits
@@ -363,6 +358,16 @@ class TorchBackend(ChatBackend):
         have no batched form: one call takes every row, so there a row's rounding may depend on the batch."""
         w, lin = packed
         return lin(x, w, nd) if lin is linear_rows else lin(x, w)
+
+
+def check_prompt(ids: list[int], max_seq_len: int, released: bool) -> None:
+    """What every backend's `prefill` refuses: a released backend, an empty prompt, one over the window."""
+    if released:
+        raise RuntimeError("this backend was released")
+    if not ids:
+        raise ValueError("prefill needs at least one token")
+    if len(ids) > max_seq_len:
+        raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's window of {max_seq_len}")
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:

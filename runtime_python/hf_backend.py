@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from runtime_python.backends import check_prompt
 from source.hf_tokenizer import HFTokenizer
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,12 +79,7 @@ class HFBackend:
     # -- the protocol
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        if self.model is None:
-            raise RuntimeError("this backend was released")
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        if len(ids) > self.max_seq_len:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's window of {self.max_seq_len}")
+        check_prompt(ids, self.max_seq_len, released=self.model is None)
         self._past, self._length = None, 0
         return self._forward(list(ids))
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime_python.backends import common_prefix, load_checkpoint
+from runtime_python.backends import check_prompt, common_prefix, load_checkpoint
 from source.model import Transformer
 from source.tokenizer import Tokenizer
 
@@ -145,12 +145,7 @@ class OnnxBackend:
     # -- the protocol
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
-        if self.session is None:
-            raise RuntimeError("this backend was released")
-        if not ids:
-            raise ValueError("prefill needs at least one token")
-        if len(ids) > self.max_seq_len:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds the model's window of {self.max_seq_len}")
+        check_prompt(ids, self.max_seq_len, released=self.session is None)
         keep = 0
         if self._shared:  # the previous prompt's common prefix (a chat's earlier turns) stays in the buffer:
             # GroupQueryAttention runs the rest as a continued prompt and reads only positions 0..len(ids)
