@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -45,10 +46,17 @@ def _env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "COLUMNS": "200"}
 
 
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal delivers it: an ignored or blocked SIGINT in the test runner (a CI job started in
+    the background ignores it) would otherwise pass to the child, and the Ctrl-C tests would hang."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(args: list[str], cwd: Path, slow: bool = False) -> "pexpect.spawn":
     start = ["-c", SLOW_CLI] if slow else ["-m", "runtime_python.cli"]
     child = pexpect.spawn(sys.executable, [*start, "chat", *args], cwd=str(cwd), env=_env(), encoding="utf-8",
-                          timeout=120, dimensions=(40, 200))
+                          timeout=120, dimensions=(40, 200), preexec_fn=_default_sigint)
     child.expect_exact("you> ")
     return child
 
