@@ -129,7 +129,12 @@ def test_ctrl_c_and_ctrl_d_at_the_prompt_exit_cleanly(model_args, tmp_path):
         # once lost on a loaded CI machine (no exit in 120 s); a person never types within that window
         time.sleep(0.5)
         child.sendintr() if key == "intr" else child.sendeof()
-        child.expect(pexpect.EOF)
+        try:
+            child.expect(pexpect.EOF)
+        except pexpect.TIMEOUT:  # say how the child held SIGINT (blocked, ignored, caught), for the next reader
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            masks = [line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt", "State"))]
+            raise AssertionError(f"{key}: no exit; child {masks}") from None
         child.close()
         assert child.exitstatus == 0, (key, child.exitstatus, child.signalstatus)
         assert "Traceback" not in (child.before or "")
