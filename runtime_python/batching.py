@@ -16,7 +16,8 @@ Design choices:
 - Exact (fp32): no row's matmul in `TorchBackend.forward_rows` has a shape that depends on the rest
   of the batch (`runtime_python/rows.py`), so a request's logits, and so its greedy reply, are bit for
   bit the same alone or in any batch (tests/test_batching.py). Chunks end on a multiple of
-  `rows.PROMPT_BLOCK` where they can (`chunk_end`), as alone: no prompt block is computed twice.
+  `rows.PROMPT_BLOCK` where they can (`chunk_end`, as a lone prefill does), so a prompt block is
+  rarely computed twice.
 - Prompt cache: a freed slot keeps its K/V and the ids behind them. A new prompt takes the free slot
   sharing the longest prefix with it (least recently used among equals) and, when another slot, busy
   or free, shares a longer one (the system prompt, an earlier turn of the same chat), copies those
