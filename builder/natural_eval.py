@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from builder.site import SITE_DTYPE
+from builder.site import SITE_DTYPE, onnx_file
 from source.files import sha256_file
 from source.natural_eval import METRICS, aggregate, agreement, load_items, score_item
 
@@ -56,13 +56,6 @@ SITE_REPLY_TIMEOUT_S = 600.0
 
 class EvalSetupError(Exception):
     """A missing or unusable input (model, export, site, index, browser); the message says what to run."""
-
-
-def onnx_file(dtype: str) -> str:
-    """The export's file for `dtype`, as OnnxBackend and the site (its `?dtype=`) load it."""
-    from runtime_python.onnx_backend import ONNX_FILES
-
-    return f"onnx/{ONNX_FILES[dtype]}"
 
 
 def parse_via(via: str) -> list[str]:

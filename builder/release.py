@@ -30,7 +30,7 @@ from typing import Callable
 
 import click
 
-from builder.site import SITE_DTYPE, SITE_DTYPES
+from builder.site import SITE_DTYPE, onnx_file
 from source.files import atomic_write_bytes, replace_dir, sha256_file
 
 
@@ -121,7 +121,7 @@ class Release:
         web = sorted(p for p in Path("web_static").glob("*") if p.is_file())
         meta = json.loads((INDEX / "meta.json").read_text())
         ranking = {k: v for k, v in meta.items() if k not in ("created", "data_dir", "manifest_sha256")}
-        return digest(self.champion_dir() / "model.pth", self.export / SITE_DTYPES[SITE_DTYPE], QUESTIONS,
+        return digest(self.champion_dir() / "model.pth", self.export / onnx_file(SITE_DTYPE), QUESTIONS,
                       *web, self.p.natural_sample, ranking, *(INDEX / part for part in ("docs.bin", "terms", "keys", "text")))
 
     def lock(self) -> dict | None:

@@ -40,9 +40,16 @@ EXPORT_SKIP = {"model.safetensors", "tokenizer.model", "onnx/model_q4.onnx", "on
 # (docs/pages/decisions.md): it decodes as fast as the int8 file in onnxruntime-web and gives exactly the
 # `.pth`'s greedy tokens, where wasm's int8 kernels round differently from native onnxruntime's
 SITE_DTYPE = "fp32"
-SITE_DTYPES = {"fp32": "onnx/model.onnx", "q8": "onnx/model_quantized.onnx"}  # transformers.js dtype -> file
-EXPORT_REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json", *SITE_DTYPES.values())
+SITE_DTYPES = ("fp32", "q8")  # the transformers.js dtypes whose files the site ships (`onnx_file`)
+EXPORT_REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json")
 _IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def onnx_file(dtype: str) -> str:
+    """The export's file for `dtype`, as OnnxBackend and the site (its `?dtype=`) load it."""
+    from runtime_python.onnx_backend import ONNX_FILES
+
+    return f"onnx/{ONNX_FILES[dtype]}"
 
 
 class SiteError(Exception):
@@ -115,7 +122,7 @@ def build_site(export_dir: Path, out_dir: Path, card: Path | None = None, web_st
     """Assemble the site into `out_dir` (replaced as a whole); returns byte counts per part."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     npm = npm_files(web_static)
-    missing = [f for f in EXPORT_REQUIRED if not (export_dir / f).is_file()]
+    missing = [f for f in (*EXPORT_REQUIRED, *map(onnx_file, SITE_DTYPES)) if not (export_dir / f).is_file()]
     if missing:
         raise SiteError(f"{export_dir} is not a `builder export` folder: {', '.join(missing)} missing")
     if card is not None and not Path(card).is_file():
