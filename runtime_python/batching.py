@@ -18,9 +18,10 @@ Design choices:
   bit the same alone or in any batch (tests/test_batching.py). Chunks end on a multiple of
   `rows.PROMPT_BLOCK` where they can (`chunk_end`, as a lone prefill does), so a prompt block is
   rarely computed twice.
-- Prompt cache: a freed slot keeps its K/V and the ids behind them. A new prompt takes the free slot
-  sharing the longest prefix with it (least recently used among equals) and, when another slot, busy
-  or free, shares a longer one (the system prompt, an earlier turn of the same chat), copies those
+- Prompt cache: a freed slot keeps its K/V and the ids behind them. A new prompt takes a free slot whose
+  cached prompt it would not overwrite (an empty one, or one it extends: the longest such), else the
+  least recently used, so repeated and continued prompts keep finding theirs; when another slot, busy
+  or free, shares a longer prefix (the system prompt, an earlier turn of the same chat), copies those
   K/V rows instead of recomputing them. Only prompt-computed positions are reused (decoded tokens ran
   through the one-row kernels; see `TorchBackend._linear`). `Slot.cached_tokens` says how many.
 - Cancellation: `should_stop` is polled every step and `Slot.release()` may come from any thread;
@@ -189,7 +190,10 @@ class Engine:
 
         shared = [common_prefix(self.tokens[r][:self.prompted[r]], ids, limit) for r in range(self.n_slots)]
         free = [r for r in range(self.n_slots) if self.owner[r] is None]  # never empty: live <= slots
-        row = max(free, key=lambda r: (shared[r], -self.last_used[r]))
+        # overwrite nothing cached when a free row allows it (an empty row, or one this prompt extends, such
+        # as a chat's earlier turn); else the least recently used row. A row sharing only the system prompt
+        # is no better than any other: that prefix is copied from wherever it is
+        row = min(free, key=lambda r: (0, -shared[r]) if shared[r] == self.prompted[r] else (1, self.last_used[r]))
         keep, source = shared[row], max(range(self.n_slots), key=shared.__getitem__)
         if shared[source] > keep:  # copy a longer prefix (a system prompt, a chat's earlier turns)
             keep = shared[source]

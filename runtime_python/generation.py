@@ -5,8 +5,9 @@ Design choices:
   names the field and its allowed range in the ValueError, so the CLI and the HTTP API can show the
   message as is. temperature 0 means greedy (argmax); top_k 0 and top_p 1 switch those filters off.
 - `sample_next` applies, in Hugging Face's order: repetition penalty -> temperature -> top-k ->
-  top-p -> one draw. Greedy skips everything but the penalty. The sort for top-p runs over the
-  top-k survivors only when top_k is set, and is skipped entirely when top_p is 1.
+  top-p -> one draw. Greedy skips everything but the penalty. Top-p looks at the top-k survivors when
+  top_k is set, else at the fewest best tokens that hold its prefix (never a sort of the whole
+  vocabulary), and is skipped entirely when top_p is 1.
 - The repetition penalty (CTRL rule, as in HF: positive logits divided, negative multiplied) sees
   the tokens of the reply so far, not the prompt: the model's job is to copy from its numbered
   sources, and penalising prompt tokens would push it away from the words it should quote.
@@ -112,18 +113,30 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generated: list[int
     vocab = logits.numel()
     if 0 < cfg.top_k < vocab:
         vals, idx = torch.topk(logits, cfg.top_k)  # sorted, best first
+        probs = torch.softmax(vals / cfg.temperature, dim=-1)
     elif cfg.top_p < 1.0:
-        vals, idx = torch.sort(logits, descending=True)
+        probs, idx = _top_p_candidates(torch.softmax(logits / cfg.temperature, dim=-1), cfg.top_p)
     else:  # no filter: sample the full distribution, no sort needed
         probs = torch.softmax(logits / cfg.temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator))
-    probs = torch.softmax(vals / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:
         # keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p
         before = probs.cumsum(0) - probs
         n = max(1, int((before < cfg.top_p).sum()))
         probs, idx = probs[:n], idx[:n]
     return int(idx[torch.multinomial(probs, 1, generator=generator)])
+
+
+def _top_p_candidates(probs: torch.Tensor, top_p: float, first: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely tokens, best first, enough of them to hold the top-p prefix: the `first` best, more
+    while their mass is short of top_p, the whole vocabulary at worst. The same prefix as sorting the
+    whole vocabulary, without the sort (most of a sampled token's cost when many requests share a core)."""
+    k = min(first, probs.numel())
+    while True:
+        vals, idx = torch.topk(probs, k)
+        if k == probs.numel() or float(vals.cumsum(0)[-1]) >= top_p:  # the cumsum top-p then cuts
+            return vals, idx
+        k = min(k * 8, probs.numel())
 
 
 @dataclass

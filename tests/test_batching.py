@@ -197,6 +197,25 @@ def test_prompt_cache_reuses_prefixes_and_changes_nothing(backend, fresh):
     assert run(b1, followup).text == again.text and b1.cached_tokens == turn_cached
 
 
+def test_a_prompt_sharing_only_the_system_prompt_keeps_other_cached_prompts(backend):
+    """Questions asked one after another each keep their row while an empty one is free, so asking one again
+    reuses all of it, not only the system prompt it shares with the others."""
+    engine = Engine(backend, slots=3, chunk=32, step_tokens=64)
+    first = []
+    for q in QUESTIONS[:3]:
+        with engine.slot() as s:
+            first.append(run(s, ask(q)))
+            assert 0 <= s.cached_tokens < first[-1].prompt_tokens - 1
+    for q, reply in zip(QUESTIONS[:3], first):
+        with engine.slot() as s:
+            assert run(s, ask(q)).text == reply.text
+            assert s.cached_tokens == reply.prompt_tokens - 1  # only the last token runs again: its logits
+    with engine.slot() as s:  # every row holds a prompt: the least recently used one gives way
+        run(s, ask(QUESTIONS[3]))
+        assert s.row == 0
+    engine.close()
+
+
 # ----------------------------------------------------------------------------- through the HTTP server
 
 def test_concurrent_streaming_clients_get_their_greedy_replies(backend, fresh):

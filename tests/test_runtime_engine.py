@@ -182,6 +182,20 @@ def test_top_k_and_top_p_restrict_the_support():
     assert {sample_next(wide, GenerationConfig(temperature=2.0, top_k=5), [], g) for _ in range(300)} <= top5
 
 
+def test_top_p_keeps_the_prefix_a_full_sort_keeps():
+    """The candidates top-p cuts from are the best tokens, grown until they hold top_p: for peaked and flat
+    distributions over a real-sized vocabulary the kept set is the one a sort of all of it gives."""
+    from runtime_python.generation import _top_p_candidates
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.05, 0.5, 2.0, 8.0):  # flat (thousands kept: the 64 first are too few) to peaked (a handful)
+        probs = torch.softmax(torch.randn(8000, generator=g) * scale, dim=-1)
+        sorted_probs, order = torch.sort(probs, descending=True)
+        want = set(order[:max(1, int((sorted_probs.cumsum(0) - sorted_probs < 0.9).sum()))].tolist())
+        vals, idx = _top_p_candidates(probs, 0.9)
+        assert set(idx[:max(1, int((vals.cumsum(0) - vals < 0.9).sum()))].tolist()) == want, scale
+
+
 def test_repetition_penalty():
     logits = torch.tensor([2.0, 1.5, -1.0])
     cfg = GenerationConfig(temperature=0.0, repetition_penalty=2.0)
