@@ -49,13 +49,13 @@ class Profile:
     eval_limit: int
     natural_sample: int | None = None  # natural questions scored per path when the champion changes (None: all)
     dpo_mine: int = 2000  # SFT training examples the SFT model answers to mine preference pairs from
-    dpo_steps: int = 300
+    dpo_steps: int = 0  # 0: no preference stage; the registry takes the SFT model (DPO on v10 measured worse)
 
 
 PROFILES = {
     "default": Profile("default", "small", 8192, 550, 900, 1e-3, "models", "runs", "datasets/built/sft", None, 200),
     "quick": Profile("quick", "tiny", 4096, 300, 150, 1e-3, "dist/quick/models", "dist/quick/runs", "dist/quick/sft", 4000, 40,
-                     natural_sample=20, dpo_mine=200, dpo_steps=30),
+                     natural_sample=20, dpo_mine=200, dpo_steps=30),  # the stage stays exercised
 }
 NOT_TRAINING = ("registry", "runs", "sft_data", "natural_sample")  # profile fields the training lock ignores
 LOCK = "release.lock.json"  # inside the profile's registry folder
@@ -102,6 +102,7 @@ class Release:
         self.tokenizer = self.runs / "tokenizer"
         self.base, self.sft = self.runs / f"base-{profile.preset}", self.runs / f"sft-{profile.preset}"
         self.dpo = self.runs / f"dpo-{profile.preset}"
+        self.final = self.dpo if profile.dpo_steps else self.sft  # the run the registry takes
         self.export, self.card = DIST / "export", DIST / "card" / "README.md"
         self.pages, self.partial = DIST / "pages", DIST / ".pages.partial"
         self.state_path = DIST / f"release-state-{profile.name}.json"
@@ -214,16 +215,20 @@ def _sft_data(r: Release) -> None:
 
 def _dpo(r: Release) -> None:
     """Preference tuning of the SFT model on pairs mined from its own greedy answers to training questions."""
+    if not r.p.dpo_steps:
+        r.log("release: dpo: the profile has no preference stage (dpo_steps 0)")
+        return
     r.cli(_train_args(r, "dpo", r.dpo, r.p.dpo_steps, "--base", str(r.sft / "model.pth"), "--mine", str(r.p.dpo_mine),
                       "--data", str(r.sft_data), "--quiet"))
 
 
 def _registry(r: Release) -> None:
     root = ["models", "--root", str(r.registry)]
-    r.cli([*root, "add", str(r.dpo / "model.pth"), "--tokenizer", str(r.tokenizer),
+    dpo = f" + DPO {r.p.dpo_steps} steps ({r.p.dpo_mine} examples mined)" if r.p.dpo_steps else " steps"
+    r.cli([*root, "add", str(r.final / "model.pth"), "--tokenizer", str(r.tokenizer),
            "--dataset-manifest", str(DATA / "manifest.json"),
            "--notes", f"builder release --profile {r.p.name}: {r.p.preset}, pretrain {r.p.pretrain_steps} + "
-                      f"SFT {r.p.sft_steps} + DPO {r.p.dpo_steps} steps ({r.p.dpo_mine} examples mined)"])
+                      f"SFT {r.p.sft_steps}{dpo}"])
     r.cli(["eval", "--model", "latest", "--root", str(r.registry), "--limit", str(r.p.eval_limit),
            "--sft-data", str(r.sft_data), "--data", str(DATA), "--index", str(INDEX)])
     r.cli([*root, "champion", "--auto"])
@@ -318,9 +323,9 @@ STAGES = [
           lambda r: r.cli(_train_args(r, "sft", r.sft, r.p.sft_steps, "--base", str(r.base / "model.pth"),
                                       "--data", str(r.sft_data), "--set", f"lr={r.p.sft_lr}", "--samples", "0")),
           training=True),
-    Stage("dpo", lambda r: [r.sft / "model.pth", r.sft_data / "train.jsonl", asdict(r.p)], lambda r: [r.dpo / "model.pth"],
-          _dpo, training=True),
-    Stage("registry", lambda r: [r.dpo / "model.pth"], lambda r: [r.registry / LOCK], _registry, training=True),
+    Stage("dpo", lambda r: [r.sft / "model.pth", r.sft_data / "train.jsonl", asdict(r.p)],
+          lambda r: [r.final / "model.pth"], _dpo, training=True),
+    Stage("registry", lambda r: [r.final / "model.pth"], lambda r: [r.registry / LOCK], _registry, training=True),
     Stage("export", lambda r: [r.registry / "registry.json", INDEX], lambda r: [r.export / "manifest.json"],
           lambda r: r.cli(["export", "--model", "champion", "--root", str(r.registry), "--out", str(r.export),
                            "--index", str(INDEX), "--data", str(DATA)])),

@@ -129,3 +129,13 @@ def test_release_stops_when_the_built_corpus_is_not_the_committed_one(tiny_works
 
     check(accept=True)
     assert json.loads(committed.read_text()) == manifest  # accepted: the committed file now describes this build
+
+
+def test_the_committed_lock_covers_the_default_profile():
+    """A clean clone's `builder release` takes the champion from models/release.lock.json only while the lock's
+    key is the default profile's: editing a training field of the profile without re-keying the lock would
+    make every clean clone retrain for hours. The profile has no preference stage, so the registry takes SFT."""
+    r = Release(PROFILES["default"], cli=lambda args: None, log=lambda _: None)
+    assert r.lock()["inputs_sha256"] == r.training_inputs()
+    assert r.training_cached() == r.lock()["champion"]
+    assert r.final == r.sft and PROFILES["quick"].dpo_steps > 0
