@@ -1,6 +1,7 @@
 """The chat site in headless Chromium: first load, cached load and decode speed, next to Python onnxruntime.
 
     python benchmarks/browser.py --export dist/export [--dtype q8,fp32] [--new-tokens 128]
+    python benchmarks/browser.py --export dist/export --dtype fp32 --threads 1 --device auto --webgpu   # the probe
 
 Builds the site from the export (`builder site`) into a temporary folder, serves it with
 `python -m http.server` on 127.0.0.1 and drives /usr/bin/chromium (flags: docs/pages/decisions.md) with playwright.
@@ -12,7 +13,9 @@ made it cross-origin isolated), in a fresh browser context (empty cache):
   with retrieval on: prefill ms, decode tokens/s (first to last token), mean forward ms.
 Python ORT runs `OnnxBackend` on the same ONNX file with the browser's prompt ids and the same end-token
 suppression: its prefill, its decode tokens/s, and whether the greedy tokens are identical.
-The load average is printed: a training job on the machine makes every number low and noisy.
+`--device` sets the page's `?device=` (wasm by default, so the figures are wasm's); `--webgpu` lets Chromium
+offer WebGPU, and with `--device auto` the first load runs the page's device probe, whose timings are in the
+device column. The load average is printed: a training job on the machine makes every number low and noisy.
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ def main() -> None:
     ap.add_argument("--threads", default="1,auto", help="thread modes: 1 (?threads=1), auto (isolated page)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--device", choices=["auto", "wasm", "webgpu"], default="wasm",
+                    help="?device= for the page; auto: none, so the first load probes (with --webgpu)")
+    ap.add_argument("--webgpu", action="store_true",
+                    help="let Chromium offer WebGPU (headless: SwiftShader's software adapter); implied by --device webgpu")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -91,7 +98,9 @@ def main() -> None:
     rows = []
     with serve(site) as base:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
+            gpu = args.webgpu or args.device == "webgpu"
+            flags = [f for f in FLAGS if f != "--disable-gpu"] + ["--enable-unsafe-webgpu"] if gpu else FLAGS
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=flags)
             for dtype, mode in [(d, t) for d in args.dtype.split(",") for t in args.threads.split(",")]:
                 ctx = browser.new_context()
                 external = []
@@ -99,7 +108,8 @@ def main() -> None:
                           else (external.append(r.request.url), r.abort()))
                 page = ctx.new_page()
                 url = (f"{base}?dtype={dtype}&temperature=0&max_new_tokens={args.new_tokens}"
-                       f"&min_new_tokens={args.new_tokens}" + ("&threads=1" if mode == "1" else ""))
+                       f"&min_new_tokens={args.new_tokens}" + ("&threads=1" if mode == "1" else "")
+                       + (f"&device={args.device}" if args.device != "auto" else ""))
                 t0 = time.perf_counter()
                 page.goto(url)
                 wait(page, "window.supermix && window.supermix.ready")
@@ -117,8 +127,10 @@ def main() -> None:
                     replies.append(page.evaluate(f"window.supermix.replies[{len(replies)}]"))
                 r = replies[-1]
                 py = python_ort(args.export, dtype, r["prompt_ids"], args.new_tokens)
-                threads, isolated = page.evaluate("[window.supermix.threads, window.supermix.isolated]")
-                rows.append({"dtype": dtype, "threads": threads, "isolated": isolated,
+                threads, isolated, choice = page.evaluate(
+                    "[window.supermix.threads, window.supermix.isolated, window.supermix.deviceChoice]")
+                probe = f" (probe: wasm {choice['wasm_ms']} / webgpu {choice['webgpu_ms']} ms)" if "wasm_ms" in choice else ""
+                rows.append({"dtype": dtype, "device": choice["device"] + probe, "threads": threads, "isolated": isolated,
                              "first_load_s": round(first, 2), "cached_load_s": round(cached, 2),
                              "prompt_tokens": r["prompt_tokens"], "new_tokens": r["completion_tokens"],
                              "browser_prefill_ms": round(r["forward_ms"][0], 1),

@@ -171,6 +171,8 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         cores = page.evaluate("Math.min(4, navigator.hardwareConcurrency)")
         assert page.evaluate("[crossOriginIsolated, window.supermix.isolated, window.supermix.threads]") == \
             [True, True, cores]
+        # --disable-gpu: no WebGPU adapter, so wasm without a probe
+        assert page.evaluate("[window.supermix.device, window.supermix.deviceChoice.how]") == ["wasm", "no WebGPU adapter"]
 
         # two turns, greedy: ids, text and sources equal the Python runtime's (history included)
         messages: list[dict] = []
@@ -273,7 +275,53 @@ def test_chat_in_chromium(server, tiny_export, tmp_path):
         page.goto(server + "about.html")
         _wait(page, "document.getElementById('doc').textContent.includes('Retrieval index')")
         assert "tiny" in page.locator("#doc h1").inner_text() and "passages" in page.locator("#doc").inner_text()
-        assert f"wasm on {cores} thread" in page.locator("#doc").inner_text()  # controlled: isolated
+        assert f"wasm runs on {cores} thread" in page.locator("#doc").inner_text()  # controlled: isolated
+        assert "No WebGPU here" in page.locator("#doc").inner_text()
         page.screenshot(path=str(art / "site-about.png"), full_page=True)
         browser.close()
     assert external == []
+
+
+@needs_npm
+@pytest.mark.slow
+def test_webgpu_probe_in_chromium(server, tiny_export):
+    """With a WebGPU adapter (headless Chromium's SwiftShader one) the first load times both devices and keeps
+    the faster, a reload takes the remembered choice without probing, and a reply forced onto WebGPU gives
+    the Python runtime's greedy tokens."""
+    from playwright.sync_api import sync_playwright
+
+    flags = [f for f in FLAGS if f != "--disable-gpu"] + ["--enable-unsafe-webgpu"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=flags)
+        page = browser.new_page()
+        page.goto(server + "?temperature=0&max_new_tokens=8")
+        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)", LOAD_S)
+        assert page.evaluate("window.supermix.errors") == []
+        if not page.evaluate("navigator.gpu ? navigator.gpu.requestAdapter().then((a) => !!a) : false"):
+            browser.close()
+            pytest.skip("this Chromium offers no WebGPU adapter, not even SwiftShader's")
+        choice = page.evaluate("window.supermix.deviceChoice")
+        assert choice["how"] == "probe" and choice["wasm_ms"] > 0 and choice["webgpu_ms"] > 0, choice
+        assert choice["device"] == ("webgpu" if choice["webgpu_ms"] < choice["wasm_ms"] else "wasm")
+        assert page.evaluate("window.supermix.device") == choice["device"]
+        assert page.evaluate("window.supermix.loadSteps.probe") > 0
+        page.goto(server + "about.html")
+        _wait(page, "document.getElementById('doc').textContent.includes('This browser')")
+        assert "measured on the first load" in page.locator("#doc").inner_text()
+
+        page.goto(server + "?temperature=0&max_new_tokens=8")
+        _wait(page, "window.supermix && window.supermix.ready", LOAD_S)
+        again = page.evaluate("window.supermix.deviceChoice")
+        assert again["how"] == "remembered" and again["device"] == choice["device"]
+        assert "probe" not in page.evaluate("window.supermix.loadSteps")
+
+        page.goto(server + "?device=webgpu&temperature=0&max_new_tokens=8")
+        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)", LOAD_S)
+        assert page.evaluate("[window.supermix.device, window.supermix.deviceChoice.how]") == ["webgpu", "asked"]
+        page.fill("#prompt", "hi")
+        page.press("#prompt", "Enter")
+        _wait(page, "window.supermix.replies.length >= 1 || window.supermix.errors.length", LOAD_S)
+        got = page.evaluate("window.supermix.replies[0]")
+        want = _reference(tiny_export, [{"role": "user", "content": "hi"}], 8)
+        assert (got["token_ids"], got["text"]) == (want["token_ids"], want["text"])
+        browser.close()

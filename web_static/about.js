@@ -1,6 +1,7 @@
 // about.html: the release's measured numbers, straight from the export's manifest.json and the
 // browser index's meta.json (nothing typed in by hand).
 import { wasmThreads } from "./threads.js";
+import { askedDevice, gpuAdapter, rememberedDevice } from "./device.js";
 
 const doc = document.getElementById("doc");
 const el = (tag, text) => { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; return e; };
@@ -26,10 +27,20 @@ try {
   doc.replaceChildren(el("h1", `Release ${m.model_version ?? ""}`.trim()),
     el("p", `Exported ${m.created ?? ""} (${m.format}); site built ${site.built}. Parameters: ${fmt(m.params)}.`));
   const mode = wasmThreads(window, location.search);
-  section("This browser", el("p", mode.isolated
-    ? `Cross-origin isolated: the chat runs onnxruntime-web's wasm on ${mode.threads} thread${mode.threads === 1 ? "" : "s"}.`
-    : "Not cross-origin isolated (no service worker, or it has not taken over this tab yet): the chat runs "
-      + "onnxruntime-web's wasm on 1 thread."));
+  const chat = new URL("index.html", location.href).href;  // the worker's folder: where its probe result is kept
+  const choice = askedDevice(location.search) ? { device: askedDevice(location.search), how: "asked" }
+    : await rememberedDevice(`supermix-files-${site.cache_key}`, chat);
+  const adapter = choice ? null : await gpuAdapter(window);
+  const wasm = mode.isolated
+    ? `Cross-origin isolated: onnxruntime-web's wasm runs on ${mode.threads} thread${mode.threads === 1 ? "" : "s"}.`
+    : "Not cross-origin isolated (no service worker, or it has not taken over this tab yet): onnxruntime-web's "
+      + "wasm runs on 1 thread.";
+  const probe = choice?.how === "probe" ? ` (measured on the first load: wasm ${fmt(choice.wasm_ms)} ms, WebGPU `
+    + `${choice.webgpu_ms === null ? "failed" : `${fmt(choice.webgpu_ms)} ms`} for the same short run)` : "";
+  section("This browser", el("p", choice?.device === "webgpu" ? `The chat runs on WebGPU${probe}.`
+    : choice ? `The chat runs on wasm${probe}. ${wasm}`
+    : adapter ? `This browser has WebGPU: the chat's first load times it against wasm and keeps the faster. ${wasm}`
+    : `No WebGPU here: the chat runs on wasm. ${wasm}`));
   if (m.config) section("Configuration", table(["setting", "value"], Object.entries(m.config)));
   if (m.metrics && Object.keys(m.metrics).length) section("Evaluation", table(["metric", "value"], Object.entries(m.metrics)));
   if (m.gates?.length) {

@@ -126,7 +126,10 @@ worker.onmessage = ({ data }) => {
     app.threads = data.threads;
     app.dtype = $("dtype").value = data.dtype;
     app.isolated = data.isolated;
-    setStatus(`Ready: ${data.site.model_version || "model"} (${data.dtype}, ${data.threads === 1 ? "1 thread" : `${data.threads} threads`}), loaded in ${(data.load_ms / 1000).toFixed(1)} s.`);
+    app.device = data.device;
+    app.deviceChoice = data.device_choice;
+    const runs = data.device === "webgpu" ? "WebGPU" : data.threads === 1 ? "1 thread" : `${data.threads} threads`;
+    setStatus(`Ready: ${data.site.model_version || "model"} (${data.dtype}, ${runs}), loaded in ${(data.load_ms / 1000).toFixed(1)} s.`);
     setBusy(false);
     $("prompt").focus();
   } else if (data.type === "sources" && current?.id === data.id) {

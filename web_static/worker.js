@@ -5,6 +5,7 @@ import { env, AutoTokenizer, AutoModelForCausalLM, InterruptableStoppingCriteria
 import { Index } from "./retrieval.js";
 import { buildPrompt, chatTokenizer, citedNumbers, prepareContext, retrievalQuery } from "./prompt.js";
 import { wasmThreads } from "./threads.js";
+import { askedDevice, gpuAdapter, probeDevices, rememberDevice, rememberedDevice } from "./device.js";
 
 const here = (path) => new URL(path, self.location.href).href;
 let CACHE = null;  // "supermix-files-<cache_key>": the wasm and index shards; the model files go to
@@ -16,7 +17,7 @@ env.localModelPath = "models/";  // resolved against this worker's URL
 env.useBrowserCache = true;      // model files go to the Cache API: the second visit works offline
 env.backends.onnx.wasm.wasmPaths = here("vendor/ort/");  // the .mjs glue; the .wasm bytes we pass ourselves
 
-let site, tokenizer, model, index, endIds, maxSeqLen, mode;
+let site, tokenizer, model, index, endIds, maxSeqLen, mode, device;
 const forwardMs = [];  // per forward pass of the last reply: the benchmark splits model time from overhead
 const stopping = new InterruptableStoppingCriteria();
 
@@ -87,8 +88,22 @@ async function load(dtype, search = "") {
   // the wasm is the biggest download (27 MB): fetch it ourselves so the bar shows it and it is cached
   env.backends.onnx.wasm.wasmBinary = new Uint8Array(await timed("wasm",
     cachedBytes(here("vendor/ort/ort-wasm-simd-threaded.asyncify.wasm"), progress("ort-wasm"))));
-  model = await timed("model", AutoModelForCausalLM.from_pretrained(site.model_id, { dtype, device: "wasm", progress_callback: onFile }));
+  // the device: ?device=, else what this deployment's probe chose, else wasm; with a WebGPU adapter and
+  // no choice yet, the probe (device.js) times both once and keeps the faster
+  const asked = askedDevice(search);
+  const remembered = asked ? null : await rememberedDevice(CACHE, self.location.href);
+  const adapter = asked || remembered ? null : await gpuAdapter(self);
+  device = asked ? { device: asked, how: "asked" } : remembered ? { ...remembered, how: "remembered" }
+    : adapter ? null : { device: "wasm", how: "no WebGPU adapter" };
+  const loadModel = (dev) => AutoModelForCausalLM.from_pretrained(site.model_id, { dtype, device: dev, progress_callback: onFile });
+  model = await timed("model", loadModel(device?.device || "wasm"));
   [tokenizer, index] = await Promise.all([tokenizerReady, indexReady]);
+  if (!device) {
+    const probed = await timed("probe", probeDevices(model, () => loadModel("webgpu"), Tensor, model.config.bos_token_id ?? 0));
+    model = probed.model;
+    device = probed.choice;
+    await rememberDevice(CACHE, self.location.href, device);
+  }
   // transformers.js awaits only microtasks between tokens; yield a macrotask per forward pass so a
   // "stop" message is handled mid-reply (MessageChannel: no 4 ms setTimeout clamp)
   const forward = model.forward.bind(model);
@@ -100,7 +115,8 @@ async function load(dtype, search = "") {
   maxSeqLen = model.config.max_position_embeddings;
   // as in runtime_python.chat: </s>, <s> and every chat-role token end a reply
   endIds = new Set(site.end_tokens.map((t) => tokenizer.encode(t, { add_special_tokens: false })[0]));
-  post({ type: "ready", dtype, load_ms: Math.round(performance.now() - t0), steps, site, retrieval: !!index, ...mode });
+  post({ type: "ready", dtype, load_ms: Math.round(performance.now() - t0), steps, site, retrieval: !!index, ...mode,
+         device: device.device, device_choice: device });
 }
 
 function nextTask() {
