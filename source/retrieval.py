@@ -11,12 +11,13 @@ Design choices:
   square root of the share of the query's idf the passage matches (coverage). Without it one rare
   word can carry a passage that misses the rest of the question ("folder" in a mailbox method
   outranking "delete ... directory tree"); sqrt is exact in both languages, a general power is not.
-- Priors, one factor per passage on that score: its source's weight (WordNet 0.7: its 117k
-  senses title the common words of how-to questions, "folder", "flatten"; the manual 1.15) times
-  1 + MENTION_PRIOR x ln(1 + the manual sections that mention a docstring's API), so os.walk beats
-  mailbox.Maildir on "folder" words. The build stores the factor's parts (meta.json's
-  source_weights and mention_factor table, a mention count per passage in docs.bin); readers
-  multiply, never call log.
+- Priors, one factor per passage on that score: its group's weight (a source, or one part of the
+  Python manual: WordNet 0.7, its 117k senses title the common words of how-to questions, "folder",
+  "flatten"; the manual 1.15, but its release notes and C-side parts 0.69, they describe changes and
+  the C API, not how to use Python) times 1 + MENTION_PRIOR x ln(1 + the manual sections that
+  mention a docstring's API), so os.walk beats mailbox.Maildir on "folder" words. The build stores
+  the parts (meta.json's groups, group_weights and mention_factor table; a group and a mention
+  count per passage in docs.bin); readers multiply, never call log.
 - Words are Unicode letters and digits, lower-cased, diacritics removed ("Naïve" -> "naive");
   "json.dumps" is the words "json" "dumps". Stop words are dropped unless nothing else is left.
 - Stems come from the index ("w" in the term shards): the build stemmed every corpus word, so
@@ -49,7 +50,10 @@ TITLE_WEIGHT, TEXT_WEIGHT = 5.0, 1.0
 ANCHOR_WEIGHT = 0.5  # a word of the heading of a manual section that mentions a docstring's API
 FREQ_SCALE = 2  # stored frequencies are weight x this (integers); readers divide it back out
 PASSAGES_PER_SHARD = 500
-SOURCE_WEIGHTS = {"wordnet": 0.7, "python-docs": 1.15}  # other sources 1; tuned on the natural set's even lines
+# a passage's group is its source, or "python-docs/<part>" for a part of the manual (its top folder);
+# a group not listed takes its source's weight, a source not listed 1. Tuned on the natural set's even lines.
+GROUP_WEIGHTS = {"wordnet": 0.7, "python-docs": 1.15, "python-docs/whatsnew": 0.69, "python-docs/c-api": 0.69,
+                 "python-docs/extending": 0.69, "python-docs/distutils": 0.69}
 MENTION_PRIOR = 0.1  # a docstring's score x (1 + this x ln(1 + manual sections mentioning its API))
 MAX_MENTIONS = 255  # mention counts are one byte in docs.bin
 DEFAULT_EXCLUDED = ("chitchat",)  # casual chat is training text, not something to cite
@@ -144,14 +148,15 @@ class Index:
                              "rebuild it with `builder index build`")
         n = self.meta["docs"]
         raw = (self.path / "docs.bin").read_bytes()
-        if len(raw) != 6 * n:
-            raise ValueError(f"{self.path / 'docs.bin'}: {len(raw)} bytes, expected {6 * n}: rebuild the index")
+        if len(raw) != 7 * n:
+            raise ValueError(f"{self.path / 'docs.bin'}: {len(raw)} bytes, expected {7 * n}: rebuild the index")
         self.lengths = np.frombuffer(raw, "<u2", n, 0).astype(np.float64)
         self.chunks = np.frombuffer(raw, "<u2", n, 2 * n).astype(np.int64)
         self.source_of = np.frombuffer(raw, np.uint8, n, 4 * n)
         mentions = np.frombuffer(raw, np.uint8, n, 5 * n)
-        # one float64 product per passage, the same one retrieval.js forms: source weight x mention factor
-        self.prior = (np.array(self.meta["source_weights"], np.float64)[self.source_of]
+        group = np.frombuffer(raw, np.uint8, n, 6 * n)
+        # one float64 product per passage, the same one retrieval.js forms: group weight x mention factor
+        self.prior = (np.array(self.meta["group_weights"], np.float64)[group]
                       * np.array(self.meta["mention_factor"], np.float64)[mentions])
         # the constants the index was built with, so this reader and retrieval.js agree on every file
         self.stop_words = frozenset(self.meta["stop_words"])
