@@ -13,7 +13,7 @@ Sets:
   their entity), the gold record as the answer.
 Rows:
 - `bm25`: BM25F over the content words alone (`Index.scores(coverage=False)`), one passage per record,
-  no coverage factor, no name bonus.
+  no coverage factor, no prior, no name bonus.
 - `ours`: `Index.search`, what the runtime, `builder sft-data`, `builder eval` and the site call.
 Columns: hit@1 and hit@k (an answering record first / among the top k), MRR@k, median ms per query,
 and ours' hit@k over bm25's; then the same three figures per group of the natural set.

@@ -11,6 +11,13 @@ Design choices:
   square root of the share of the query's idf the passage matches (coverage). Without it one rare
   word can carry a passage that misses the rest of the question ("folder" in a mailbox method
   outranking "delete ... directory tree"); sqrt is exact in both languages, a general power is not.
+- Priors, one factor per passage on that score: its group's weight (a source, or one part of the
+  Python manual: WordNet 0.7, its 117k senses title the common words of how-to questions, "folder",
+  "flatten"; the manual 1.15, but its release notes and C-side parts 0.69, they describe changes and
+  the C API, not how to use Python) times 1 + MENTION_PRIOR x ln(1 + the manual sections that
+  mention a docstring's API), so os.walk beats mailbox.Maildir on "folder" words. The build stores
+  the parts (meta.json's groups, group_weights and mention_factor table; a group and a mention
+  count per passage in docs.bin); readers multiply, never call log.
 - Words are Unicode letters and digits, lower-cased, diacritics removed ("Naïve" -> "naive");
   "json.dumps" is the words "json" "dumps". Stop words are dropped unless nothing else is left.
 - Stems come from the index ("w" in the term shards): the build stemmed every corpus word, so
@@ -37,12 +44,18 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "supermix-bm25-v3"
+FORMAT = "supermix-bm25-v4"
 K1, B = 1.2, 0.5  # b below BM25's usual 0.75: see source/retrieval_build.py on borrowed words
 TITLE_WEIGHT, TEXT_WEIGHT = 5.0, 1.0
 ANCHOR_WEIGHT = 0.5  # a word of the heading of a manual section that mentions a docstring's API
 FREQ_SCALE = 2  # stored frequencies are weight x this (integers); readers divide it back out
 PASSAGES_PER_SHARD = 500
+# a passage's group is its source, or "python-docs/<part>" for a part of the manual (its top folder);
+# a group not listed takes its source's weight, a source not listed 1. Tuned on the natural set's even lines.
+GROUP_WEIGHTS = {"wordnet": 0.7, "python-docs": 1.15, "python-docs/whatsnew": 0.69, "python-docs/c-api": 0.69,
+                 "python-docs/extending": 0.69, "python-docs/distutils": 0.69}
+MENTION_PRIOR = 0.1  # a docstring's score x (1 + this x ln(1 + manual sections mentioning its API))
+MAX_MENTIONS = 255  # mention counts are one byte in docs.bin
 DEFAULT_EXCLUDED = ("chitchat",)  # casual chat is training text, not something to cite
 MAX_QUERY_TERMS = 32  # a pasted page should not turn into a 500-term query
 STOP_WORDS = frozenset("""
@@ -135,11 +148,16 @@ class Index:
                              "rebuild it with `builder index build`")
         n = self.meta["docs"]
         raw = (self.path / "docs.bin").read_bytes()
-        if len(raw) != 5 * n:
-            raise ValueError(f"{self.path / 'docs.bin'}: {len(raw)} bytes, expected {5 * n}: rebuild the index")
+        if len(raw) != 7 * n:
+            raise ValueError(f"{self.path / 'docs.bin'}: {len(raw)} bytes, expected {7 * n}: rebuild the index")
         self.lengths = np.frombuffer(raw, "<u2", n, 0).astype(np.float64)
         self.chunks = np.frombuffer(raw, "<u2", n, 2 * n).astype(np.int64)
         self.source_of = np.frombuffer(raw, np.uint8, n, 4 * n)
+        mentions = np.frombuffer(raw, np.uint8, n, 5 * n)
+        group = np.frombuffer(raw, np.uint8, n, 6 * n)
+        # one float64 product per passage, the same one retrieval.js forms: group weight x mention factor
+        self.prior = (np.array(self.meta["group_weights"], np.float64)[group]
+                      * np.array(self.meta["mention_factor"], np.float64)[mentions])
         # the constants the index was built with, so this reader and retrieval.js agree on every file
         self.stop_words = frozenset(self.meta["stop_words"])
         self.articles = frozenset(self.meta["articles"])
@@ -181,8 +199,8 @@ class Index:
 
     def scores(self, query: str, coverage: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(docs, scores) of every doc matching a query stem, docs ascending: BM25F times the square
-        root of the share of the query's idf the doc matches (plain BM25F with coverage=False, for
-        benchmarks/retrieval.py)."""
+        root of the share of the query's idf the doc matches, times the doc's prior (plain BM25F, no
+        coverage and no prior, with coverage=False, for benchmarks/retrieval.py)."""
         k1, b, avgdl = self.meta["k1"], self.meta["b"], self.meta["avgdl"]
         total = np.zeros(len(self))
         covered = np.zeros(len(self))
@@ -194,7 +212,9 @@ class Index:
             covered[docs] += idf
             query_idf += idf
         docs = np.flatnonzero(covered)
-        return docs, total[docs] * np.sqrt(covered[docs] / query_idf) if coverage else total[docs]
+        if not coverage:
+            return docs, total[docs]
+        return docs, total[docs] * np.sqrt(covered[docs] / query_idf) * self.prior[docs]
 
     def name_keys(self, query: str) -> list[tuple[str, list[str]]]:
         """(key, content stems) for every name the query may spell: its identifiers as written

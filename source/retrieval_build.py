@@ -7,7 +7,9 @@ Design choices:
   fetches per query word (a few hundred KB per question, not the whole index).
 - Layout (little-endian):
     meta.json        counts, BM25 constants, field weights, stop words, source names, shard counts
-    docs.bin         Uint16 length[N], Uint16 chunk[N], Uint8 source[N]
+    docs.bin         Uint16 length[N], Uint16 chunk[N], Uint8 source[N], Uint8 mentions[N] (manual
+                     sections mentioning a docstring's API, capped at MAX_MENTIONS; 0 elsewhere),
+                     Uint8 group[N] (meta.json's groups: the source, or a part of the manual)
     terms/NNN.bin    Uint32 header length, JSON header {"t": {stem: [df, offset, bytes, idf]},
                      "w": {word: stem}}, then per stem df pairs of varints (doc delta, weighted
                      frequency x meta's freq_scale: integers although an anchor word weighs 0.5)
@@ -56,7 +58,7 @@ from tqdm import tqdm
 from source.api_manual import anchor_table, manual_anchors, manual_entries, manual_entry
 from source.corpus.build import iter_records
 from source.files import sha256_file
-from source.retrieval import (B, DEFAULT_EXCLUDED, FORMAT, FREQ_SCALE, K1, KEY_ALIASES, MAX_QUERY_TERMS,
+from source.retrieval import (GROUP_WEIGHTS, MAX_MENTIONS, MENTION_PRIOR, B, DEFAULT_EXCLUDED, FORMAT, FREQ_SCALE, K1, KEY_ALIASES, MAX_QUERY_TERMS,
                               PASSAGES_PER_SHARD, STOP_WORDS, ANCHOR_WEIGHT, TEXT_WEIGHT, TITLE_WEIGHT, ARTICLES, MAX_NAME_QUERY_WORDS, MAX_NAME_WORDS,
                               NAME_BONUS, _IDENT, aliased_words, shard_of, words)
 
@@ -149,11 +151,12 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
     rows = []
     for r in records:
         names = record_names(r["title"], r["text"])
-        anchor_text = "\n".join(manual_anchors(r["title"], anchors)) if r["source"] == "docstrings" else ""
+        headings = manual_anchors(r["title"], anchors) if r["source"] == "docstrings" else []
+        anchor_text = "\n".join(headings)
         borrowed = manual_entry(r["title"], manual) if r["source"] == "docstrings" else ""
         for n, piece in enumerate(chunk_text(r["text"], max_chars)):
             rows.append((f"{r['id']}#{n}", r["title"], r["source"], r["origin"], piece, n, names,
-                         borrowed if n == 0 else "", anchor_text if n == 0 else ""))
+                         borrowed if n == 0 else "", anchor_text if n == 0 else "", min(len(headings), MAX_MENTIONS)))
     del records
     if not rows:
         wanted = ", ".join(sources) if sources is not None else "all but " + ", ".join(DEFAULT_EXCLUDED)
@@ -161,7 +164,7 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
 
     n = len(rows)
     lengths, postings, keys = [], {}, {}  # postings: stem -> [doc, f, doc, f, ...]
-    for doc, (_, title, _, _, text, chunk, names, borrowed, anchor_text) in enumerate(
+    for doc, (_, title, _, _, text, chunk, names, borrowed, anchor_text, _) in enumerate(
             tqdm(rows, desc="index", unit="psg", disable=not progress, leave=False)):
         title_stems = stem_all([w for name in (title, *names) for w in words(name)])
         text_stems = stem_all(words(text))
@@ -215,6 +218,11 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
     origin_names = sorted({r[3] for r in rows})
     src_no = {s: i for i, s in enumerate(source_names)}
     org_no = {s: i for i, s in enumerate(origin_names)}
+    groups = [prior_group(r[0], r[2]) for r in rows]
+    group_names = sorted(set(groups))
+    if len(group_names) > 256:
+        raise ValueError(f"{len(group_names)} prior groups, docs.bin holds at most 256")
+    group_no = {g: i for i, g in enumerate(group_names)}
     counts = {s: 0 for s in source_names}
     for r in rows:
         counts[r[2]] += 1
@@ -239,12 +247,15 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
             _write(tmp / "text" / f"{s:03d}.json", blob)
             sizes["text"] += len(blob)
         docs = (struct.pack(f"<{n}H", *(min(x, 0xFFFF) for x in lengths)) + struct.pack(f"<{n}H", *(r[5] for r in rows))
-                + bytes(src_no[r[2]] for r in rows))
+                + bytes(src_no[r[2]] for r in rows) + bytes(r[9] for r in rows) + bytes(group_no[g] for g in groups))
         _write(tmp / "docs.bin", docs)
         sizes["docs"] = len(docs)
         meta = {"format": FORMAT, "docs": n, "records": len({r[0].rsplit("#", 1)[0] for r in rows}), "avgdl": avgdl,
                 "k1": K1, "b": B, "title_weight": TITLE_WEIGHT, "text_weight": TEXT_WEIGHT,
-                "anchor_weight": ANCHOR_WEIGHT, "freq_scale": FREQ_SCALE, "anchored": sum(bool(r[8]) for r in rows), "stems": len(encoded),
+                "anchor_weight": ANCHOR_WEIGHT, "groups": group_names,
+                "group_weights": [GROUP_WEIGHTS.get(g, GROUP_WEIGHTS.get(g.split("/")[0], 1.0)) for g in group_names],
+                # readers index this table by the mention byte instead of calling log (exact in JS too)
+                "mention_factor": [1 + MENTION_PRIOR * math.log1p(m) for m in range(MAX_MENTIONS + 1)], "freq_scale": FREQ_SCALE, "anchored": sum(bool(r[8]) for r in rows), "stems": len(encoded),
                 "term_shards": shards, "key_shards": key_shards, "passages_per_shard": passages_per_shard, "text_shards": text_shards,
                 "sources": source_names, "origins": origin_names, "counts": counts,
                 "stop_words": sorted(STOP_WORDS), "max_query_terms": MAX_QUERY_TERMS,
@@ -267,6 +278,13 @@ def build_index(data_dir: str | Path, out_dir: str | Path, sources: tuple[str, .
     total = sum(sizes.values())
     return {**meta, "passages": n, "bytes": {**sizes, "total": total}, "seconds": round(time.time() - t0, 2),
             "path": str(out)}
+
+
+def prior_group(passage_id: str, source: str) -> str:
+    """The group whose weight a passage's score takes: its source, or "python-docs/<part>" for a page
+    in a folder of the Python manual ("python-docs:whatsnew/3.8.rst.txt#..." -> "python-docs/whatsnew")."""
+    path = passage_id.split(":", 1)[1] if ":" in passage_id else ""
+    return f"{source}/{path.split('/', 1)[0]}" if source == "python-docs" and "/" in path.split("#", 1)[0] else source
 
 
 def record_names(title: str, text: str) -> list[str]:

@@ -395,3 +395,4 @@ def test_docstrings_are_found_by_the_headings_of_manual_sections_that_mention_th
     assert [p.id for p in hits] == ["python-docs:howto#polishing#0", "docstring:zz.gadget.frobnicate#0"]
     assert hits[1].text == rows[0][3]  # shown text: the docstring's own
     assert ix.postings("polish")[2].tolist() == [0.5, 5.0]  # half a word in the docstring; a title word of the section
+

@@ -2,7 +2,8 @@
 same scores (bit for bit, unrounded) on every hand-written natural question, their follow-up queries
 and hostile strings, over a real index (pydoc topics + WordNet + stdlib docstrings + a user file), in
 node. The docstrings carry the headings of the pydoc topics that mention them at half a text word's
-weight, so fractional frequencies and the coverage factor are part of what is compared."""
+weight, so fractional frequencies and the coverage factor are part of what is compared, and every
+score carries its passage's prior (WordNet's source weight, the docstrings' mention factor)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,7 @@ def test_js_search_equals_python_search(index):
     assert found >= 0.8 * len(qs)  # the queries do find passages: equality is not between empty lists
     named = sum(bool(ix.named(q)) for q in qs)
     assert named >= 100  # and the name bonus takes part in many of them
+    # the priors take part: WordNet's weight, docstrings with mentions, and passages at 1
+    assert len(set(ix.prior.tolist())) >= 3 and ix.prior.min() < 1 < ix.prior.max()
+    ranked = {d for q in qs for d, _ in ix.ranked(q, 3)}
+    assert len({float(ix.prior[d]) for d in ranked}) >= 3  # ... in the very passages compared

@@ -1,5 +1,6 @@
 // The JavaScript port of source/retrieval.py's query side (read that file's docstring): BM25F over the
-// static index folder source/retrieval_build.py writes, times the coverage factor, plus the name bonus.
+// static index folder source/retrieval_build.py writes, times the coverage factor and the passage's
+// prior (group weight x mention factor), plus the name bonus.
 // Every function mirrors one there, step for step, and the arithmetic runs in the same order, so the
 // same query gives the same passages, order and scores (tests/test_retrieval_parity.py). Works in a
 // page, a worker and node.
@@ -7,7 +8,7 @@
 const WORD = /[\p{L}\p{N}]+/gu;           // Python's [^\W_]+
 const IDENT = /[\p{L}\p{N}_]+(?:\.[\p{L}\p{N}_]+)+|[\p{L}\p{N}_]*_[\p{L}\p{N}_]*/gu;  // json.dumps, skip_keys
 const MARKS = /\p{M}/gu;
-const FORMAT = "supermix-bm25-v3";
+const FORMAT = "supermix-bm25-v4";
 
 /** Lower-case words with diacritics removed (source.retrieval.words). */
 export function words(text) {
@@ -43,12 +44,16 @@ export class Index {
     this.meta = JSON.parse(dec.decode(await this.fetchBytes(this.base + "meta.json")));
     if (this.meta.format !== FORMAT) throw new Error(`${this.base}meta.json: format ${this.meta.format}, this page reads ${FORMAT}`);
     const n = this.meta.docs, raw = await this.fetchBytes(this.base + "docs.bin");
+    if (raw.byteLength !== 7 * n) throw new Error(`${this.base}docs.bin: ${raw.byteLength} bytes, expected ${7 * n}`);
     const dv = new DataView(raw);
     this.lengths = new Uint16Array(n);
     this.chunks = new Uint16Array(n);
+    this.prior = new Float64Array(n);  // source.retrieval.Index.prior: group weight x mention factor
+    const { group_weights: weights, mention_factor: factor } = this.meta;
     for (let i = 0; i < n; i++) {  // little-endian whatever the machine
       this.lengths[i] = dv.getUint16(2 * i, true);
       this.chunks[i] = dv.getUint16(2 * n + 2 * i, true);
+      this.prior[i] = weights[dv.getUint8(6 * n + i)] * factor[dv.getUint8(5 * n + i)];
     }
     this.stopWords = new Set(this.meta.stop_words);
     this.articles = new Set(this.meta.articles);
@@ -107,7 +112,7 @@ export class Index {
     return [idf, out];
   }
 
-  /** source.retrieval.Index.scores: Map doc -> BM25F x sqrt(share of the query's idf matched),
+  /** source.retrieval.Index.scores: Map doc -> BM25F x sqrt(share of the query's idf matched) x prior,
    *  arithmetic in the Python order. */
   async scores(query) {
     const { k1, b, avgdl } = this.meta;
@@ -123,7 +128,7 @@ export class Index {
       }
       queryIdf += idf;
     }
-    for (const [doc, s] of out) out.set(doc, s * Math.sqrt(covered.get(doc) / queryIdf));
+    for (const [doc, s] of out) out.set(doc, s * Math.sqrt(covered.get(doc) / queryIdf) * this.prior[doc]);
     return out;
   }
 
