@@ -222,13 +222,19 @@ class TorchBackend(ChatBackend):
                 "bf16": _onednn_bf16 if onednn else (lambda w: (w.to(torch.bfloat16), F.linear))}[dtype]
         with torch.inference_mode():
             self._layers = []
+            def bias(*params: torch.Tensor | None) -> torch.Tensor | None:  # a base's biases, in the matmul's dtype
+                return None if params[0] is None else torch.cat(params).to(self._act)
+
             for block in model.layers:
                 a, m = block.self_attn, block.mlp
-                # softmax scale folded into q: RoPE is linear, so rope(s*q) = s*rope(q)
+                # softmax scale folded into q (and its bias): RoPE is linear, so rope(s*q) = s*rope(q)
                 qkv = torch.cat([a.q_proj.weight / math.sqrt(hd), a.k_proj.weight, a.v_proj.weight])
+                b_q = None if a.q_proj.bias is None else a.q_proj.bias / math.sqrt(hd)
                 self._layers.append((block.input_layernorm.weight.float(), pack(qkv), pack(a.o_proj.weight),
                                      block.post_attention_layernorm.weight.float(),
-                                     pack(torch.cat([m.gate_proj.weight, m.up_proj.weight])), pack(m.down_proj.weight)))
+                                     pack(torch.cat([m.gate_proj.weight, m.up_proj.weight])), pack(m.down_proj.weight),
+                                     (bias(b_q, a.k_proj.bias, a.v_proj.bias), bias(a.o_proj.bias),
+                                      bias(m.gate_proj.bias, m.up_proj.bias), bias(m.down_proj.bias))))
             self._norm = model.norm.weight.float()
             self._lm_head = pack(model.lm_head.weight)
             self._embed = model.embed_tokens.weight.float()
@@ -324,9 +330,9 @@ class TorchBackend(ChatBackend):
                             end, cache.k.shape[3]) for r, nb, end in chunks]
         x = F.embedding(torch.tensor(ids, device=dev), self._embed)  # (rows, dim) fp32 residual stream
         dim, half = (x.shape[-1],), hd // 2
-        for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self._layers):
+        for i, (ln1, wqkv, wo, ln2, wgu, wd, (b_qkv, b_o, b_gu, b_d)) in enumerate(self._layers):
             h = F.rms_norm(x, dim, ln1, eps).to(act)
-            qkv = self._linear(h, wqkv, nd).view(rows, H + 2 * KV, hd).float()
+            qkv = self._linear(h, wqkv, nd, b_qkv).view(rows, H + 2 * KV, hd).float()
             qk = qkv[:, :H + KV]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # RoPE, HF layout
             k_cache, v_cache = cache.k[i], cache.v[i]  # (slots, KV, max_len, hd)
@@ -345,19 +351,20 @@ class TorchBackend(ChatBackend):
                 span = min(mask.shape[1] * BLOCK, k_cache.shape[2])
                 kc, vc = (c[s, :, :span].expand(nb, -1, -1, -1).reshape(nb * KV, span, hd) for c in (k_cache, v_cache))
                 y[r:r + nb * Q] = attend(qc, kc, vc, mask).view(nb, KV, Q, G, hd).transpose(1, 2).flatten(0, 1)
-            x = x + self._linear(y.view(rows, H * hd).to(act), wo, nd)
+            x = x + self._linear(y.view(rows, H * hd).to(act), wo, nd, b_o)
             h = F.rms_norm(x, dim, ln2, eps).to(act)
-            gate, up = self._linear(h, wgu, nd).split(ffn, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, wd, nd)
+            gate, up = self._linear(h, wgu, nd, b_gu).split(ffn, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, wd, nd, b_d)
         last = list(range(nd)) + [f + len(seg) - 1 for (_, _, seg), f in zip(prompts, firsts)]
         h = F.rms_norm(x[last] if prompts else x, dim, self._norm, eps).to(act)
         return self._linear(h, self._lm_head, len(last)).float()
 
-    def _linear(self, x: torch.Tensor, packed: tuple, nd: int) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, packed: tuple, nd: int, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T for `nd` one-row items, then prompt blocks (`rows.linear_rows`). The bf16 and int8 kernels
         have no batched form: one call takes every row, so there a row's rounding may depend on the batch."""
         w, lin = packed
-        return lin(x, w, nd) if lin is linear_rows else lin(x, w)
+        y = lin(x, w, nd) if lin is linear_rows else lin(x, w)
+        return y if bias is None else y + bias
 
 
 def check_prompt(ids: list[int], max_seq_len: int, released: bool) -> None:

@@ -30,7 +30,7 @@ import torch
 from source.checkpoint import (CheckpointError, atomic_torch_save, check_same_save, load_model, model_from_checkpoint,
                                new_save_id, read_checkpoint, read_train_state, save_model)
 from source.files import atomic_write_bytes
-from source.config import ModelConfig, TrainConfig
+from source.config import ModelConfig, TrainConfig, config_dict
 from source.lora import apply_lora, load_lora_state, lora_state_dict, merged_copy
 from source.model import Transformer
 
@@ -294,7 +294,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     compiled = torch.compile(model) if train_cfg.compile else model
     compiled, optimizer = accelerator.prepare(compiled, optimizer)
     if main:
-        run_info = {"kind": kind, "model": asdict(model_cfg), "train": asdict(train_cfg), "params": n_params,
+        run_info = {"kind": kind, "model": config_dict(model_cfg), "train": asdict(train_cfg), "params": n_params,
                     "trainable_params": n_trainable, "lora_rank": lora_rank, "processes": world,
                     "device": str(accelerator.device), "tokenizer_sha256": tokenizer_sha256,
                     "time_budget_s": time_budget_s, "cpu_precision_probe": probe, **(metadata or {})}
