@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from runtime_python.rows import BLOCK, PROMPT_BLOCK, attend, block_layout, chunk_end, key_mask, linear_rows
 from source.checkpoint import load_model
 from source.model import KVCache, Transformer
+from source.hf_tokenizer import has_tokenizer, load_tokenizer
 from source.tokenizer import ChatTokenizer, Tokenizer
 
 DTYPES = ("fp32", "bf16", "int8")
@@ -81,12 +82,12 @@ class ChatBackend(Protocol):
 def default_tokenizer_dir(model_path: str | Path) -> Path:
     """`tokenizer/` beside the .pth (registry versions have one), else runs/tokenizer."""
     beside = Path(model_path).parent / "tokenizer"
-    if (beside / "tokenizer.model").is_file():
+    if has_tokenizer(beside):
         return beside
-    if (DEFAULT_TOKENIZER_DIR / "tokenizer.model").is_file():
+    if has_tokenizer(DEFAULT_TOKENIZER_DIR):
         return DEFAULT_TOKENIZER_DIR
     raise FileNotFoundError(f"no tokenizer for {model_path}: neither {beside}/ nor {DEFAULT_TOKENIZER_DIR}/ holds a "
-                            "tokenizer.model; pass the tokenizer folder the model was trained with (--tokenizer DIR)")
+                            "tokenizer.model or tokenizer.json; pass the tokenizer folder the model was trained with (--tokenizer DIR)")
 
 
 def resolve_model(spec: str | None, models_root: str | Path = "models",
@@ -108,7 +109,8 @@ def resolve_model(spec: str | None, models_root: str | Path = "models",
             version = registry.get(ref)  # RegistryError (a ValueError) names the known versions
         folder = registry.root / "versions" / version.id
         model, tokenizer = folder / "model.pth", folder / "tokenizer"
-        for path in (model, tokenizer / "tokenizer.model"):
+        for path in (model, tokenizer / ("tokenizer.json" if (tokenizer / "tokenizer.json").is_file() else
+                                         "tokenizer.model")):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing although {registry.path} lists {version.id}; "
                                         f"check it with `builder models info {version.id}`")
@@ -128,11 +130,11 @@ def load_checkpoint(model_path: str | Path, tokenizer_dir: str | Path | None = N
     ValueError that names both when the tokenizer is another one, instead of generating garbage. The name
     is "v3" for models/versions/v3/model.pth, "base-small" for runs/base-small/model.pth."""
     model_path = Path(model_path)
-    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else default_tokenizer_dir(model_path))
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else default_tokenizer_dir(model_path))
     model, ckpt = load_model(model_path, device)
     if ckpt["tokenizer"] != tokenizer.sha256:
         raise ValueError(f"{model_path} was trained with tokenizer sha256 {ckpt['tokenizer'][:12]}..., but "
-                         f"{tokenizer.path}/tokenizer.model has {tokenizer.sha256[:12]}...: pass the tokenizer "
+                         f"the tokenizer in {tokenizer.path} has {tokenizer.sha256[:12]}...: pass the tokenizer "
                          "folder it was trained with (--tokenizer DIR)")
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has only "

@@ -97,3 +97,31 @@ def load_base(ref: str | Path, registry: Registry | None = None, dtype: torch.dt
     cfg = base_config(folder, max_seq_len)
     tokenizer = HFTokenizer.load(folder)
     return read_weights(folder, cfg, dtype, device), tokenizer, entry
+
+
+def write_tokenizer_folder(entry: dict, dest: str | Path) -> Path:
+    """Copy a base's tokenizer files and licence into `dest` (a run's tokenizer/ folder, which becomes the
+    version's): the version folder then runs and ships without the base folder."""
+    import shutil
+
+    from source.hf_tokenizer import HF_TOKENIZER_FILES
+
+    src, dest = Path(entry["source"]), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    names = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()] + (
+        [entry["licence"]["file"]] if entry["licence"].get("file") else [])
+    for name in names:
+        tmp = dest / f".{name}.tmp"
+        shutil.copyfile(src / name, tmp)
+        tmp.replace(dest / name)
+    return dest
+
+
+def base_piece(entry: dict) -> dict:
+    """The first piece of a fine-tuned version's lineage: the imported base it started from, with its source
+    folder, licence and the sha256 of every file it was built from."""
+    return {"name": entry["name"], "stage": "base", "parent": None, "data_sha256": None, "steps": None,
+            "seed": None, "lr": None, "warmup_steps": None, "wall_seconds": None, "source": entry["source"],
+            "model_type": entry["architecture"]["model_type"], "params": entry["architecture"]["params"],
+            "licence": entry["licence"]["name"], "tokenizer_sha256": entry["tokenizer"]["sha256"],
+            "files": [{"path": f["path"], "sha256": f["sha256"]} for f in entry["files"]]}
