@@ -91,3 +91,37 @@ def test_unsupported_rope_scaling_is_named(folders, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BaseError, match=r"config.json: rope_scaling type 'yarn' is not supported \(linear, llama3\)"):
         load_base(folder)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama-bias-llama3"])
+def test_serve_batches_a_base_like_running_alone(name, folders):
+    """`supermix serve`'s engine over a base: requests sharing steps get the logits they get alone, exactly."""
+    import threading
+
+    from runtime_python.batching import Engine
+
+    model, tok, _ = load_base(folders[name])
+    prompts = [tok.encode(text)[:150] for text in ("hi", "What does list.append do? " * 6, "naïve café — " * 20)]
+
+    def steps(backend, ids):
+        out = [backend.prefill(ids)]
+        for _ in range(8):
+            out.append(backend.decode(int(out[-1].argmax())))
+        return out
+
+    alone = [steps(TorchBackend(model, tok), ids) for ids in prompts]
+    engine = Engine(TorchBackend(model, tok), slots=2, chunk=16, step_tokens=32)
+    got: dict[int, list] = {}
+
+    def worker(i: int) -> None:
+        with engine.slot() as s:
+            got[i] = steps(s, prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    engine.close()
+    for i in range(len(prompts)):
+        assert all(torch.equal(a, b) for a, b in zip(alone[i], got[i])), f"request {i} differs from alone"
