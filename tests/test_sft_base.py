@@ -5,6 +5,7 @@ BPE tokenizer with a ChatML template (tests/hf_folders.py), a few LoRA steps on 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,35 @@ def test_sft_refuses_a_changed_base_and_bf16_without_lora(workspace, tmp_path):
     assert result.exit_code != 0 and "LICENSE: " in result.output and "the folder changed since" in result.output
     assert "versions" not in json.loads((models / "registry.json").read_text()) or \
         not json.loads((models / "registry.json").read_text())["versions"]
+
+
+@pytest.mark.slow
+def test_eval_and_card_of_a_version_from_a_base(workspace, tiny_workspace, monkeypatch):
+    """bits/byte over the bytes of the text (comparable across tokenizers); the card names the base and licence."""
+    from source.corpus.build import iter_texts
+
+    root, _, data = workspace
+    models = root / "models"
+    if not json.loads((models / "registry.json").read_text()).get("versions"):
+        run_sft(root, data, "qwen", "--lora")
+    vid = json.loads((models / "registry.json").read_text())["versions"][-1]["id"]
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(builder, ["eval", "--model", vid, "--root", str(models), "--data",
+                                          str(tiny_workspace["data"]), "--sft-data", str(data), "--index",
+                                          str(root / "none"), "--out", str(root / "eval.json"), "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((root / "eval.json").read_text())
+    meta = json.loads(next((root / "runs" / "tokens").glob("*/meta.json")).read_text())
+    assert meta["val"]["bytes"] == sum(len(t.encode("utf-8")) for t in iter_texts(tiny_workspace["data"], "val"))
+    assert report["val_bpb"] == pytest.approx(report["val_loss"] / 0.6931471805599453 * meta["val"]["tokens"] /
+                                              meta["val"]["bytes"])
+    assert json.loads((models / "registry.json").read_text())["versions"][-1]["metrics"]["val_bpb"] == \
+        pytest.approx(report["val_bpb"])
+    manifest = Path(__file__).resolve().parents[1] / "datasets" / "manifests" / "default.json"
+    card = CliRunner().invoke(builder, ["card", "--model", vid, "--root", str(models), "--out", str(root / "card.md"),
+                                        "--dataset-manifest", str(manifest)])
+    assert card.exit_code == 0, card.output
+    text = (root / "card.md").read_text()
+    assert "license: mit\n" in text and "base_model: qwen\n" in text
+    assert "Fine-tuned from the imported base model `qwen` (qwen2," in text and "licence is **mit**" in text
+    assert "| qwen | base | imported |" in text and "the base model's own chat template" in text
