@@ -164,3 +164,14 @@ def test_eval_and_card_of_a_version_from_a_base(workspace, tiny_workspace, monke
     assert "license: mit\n" in text and "base_model: qwen\n" in text
     assert "Fine-tuned from the imported base model `qwen` (qwen2," in text and "licence is **mit**" in text
     assert "| qwen | base | imported |" in text and "the base model's own chat template" in text
+
+
+@pytest.mark.slow
+def test_export_of_a_version_from_a_base_says_it_is_not_done_yet(workspace):
+    root, _, data = workspace
+    models = root / "models"
+    if not json.loads((models / "registry.json").read_text()).get("versions"):
+        run_sft(root, data, "qwen", "--lora")
+    vid = json.loads((models / "registry.json").read_text())["versions"][-1]["id"]
+    result = CliRunner().invoke(builder, ["export", "--model", vid, "--root", str(models), "--out", str(root / "x")])
+    assert result.exit_code != 0 and "cannot be exported yet" in result.output and not (root / "x").exists()
