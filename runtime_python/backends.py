@@ -46,8 +46,8 @@ import torch.nn.functional as F
 
 from runtime_python.rows import BLOCK, PROMPT_BLOCK, attend, block_layout, chunk_end, key_mask, linear_rows
 from source.checkpoint import load_model
-from source.model import KVCache, Transformer
 from source.hf_tokenizer import has_tokenizer, load_tokenizer
+from source.model import KVCache, Transformer
 from source.tokenizer import ChatTokenizer, Tokenizer
 
 DTYPES = ("fp32", "bf16", "int8")
@@ -87,7 +87,8 @@ def default_tokenizer_dir(model_path: str | Path) -> Path:
     if has_tokenizer(DEFAULT_TOKENIZER_DIR):
         return DEFAULT_TOKENIZER_DIR
     raise FileNotFoundError(f"no tokenizer for {model_path}: neither {beside}/ nor {DEFAULT_TOKENIZER_DIR}/ holds a "
-                            "tokenizer.model or tokenizer.json; pass the tokenizer folder the model was trained with (--tokenizer DIR)")
+                            "tokenizer.model or tokenizer.json; pass the tokenizer folder the model was trained with "
+                            "(--tokenizer DIR)")
 
 
 def resolve_model(spec: str | None, models_root: str | Path = "models",
@@ -224,6 +225,7 @@ class TorchBackend(ChatBackend):
                 "bf16": _onednn_bf16 if onednn else (lambda w: (w.to(torch.bfloat16), F.linear))}[dtype]
         with torch.inference_mode():
             self._layers = []
+
             def bias(*params: torch.Tensor | None) -> torch.Tensor | None:  # a base's biases, in the matmul's dtype
                 return None if params[0] is None else torch.cat(params).to(self._act)
 
