@@ -161,9 +161,10 @@ def test_eval_and_card_of_a_version_from_a_base(workspace, tiny_workspace, monke
                                         "--dataset-manifest", str(manifest)])
     assert card.exit_code == 0, card.output
     text = (root / "card.md").read_text()
-    assert "license: mit\n" in text and "base_model: qwen\n" in text
-    assert "Fine-tuned from the imported base model `qwen` (qwen2," in text and "licence is **mit**" in text
-    assert "| qwen | base | imported |" in text and "the base model's own chat template" in text
+    base = json.loads((models / "registry.json").read_text())["versions"][-1]["lineage"][0]["name"]  # the last sft's
+    assert "license: mit\n" in text and f"base_model: {base}\n" in text
+    assert f"Fine-tuned from the imported base model `{base}` (" in text and "licence is **mit**" in text
+    assert f"| {base} | base | imported |" in text and "the base model's own chat template" in text
 
 
 @pytest.mark.slow
