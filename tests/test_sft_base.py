@@ -176,3 +176,17 @@ def test_export_of_a_version_from_a_base_says_it_is_not_done_yet(workspace):
     vid = json.loads((models / "registry.json").read_text())["versions"][-1]["id"]
     result = CliRunner().invoke(builder, ["export", "--model", vid, "--root", str(models), "--out", str(root / "x")])
     assert result.exit_code != 0 and "cannot be exported yet" in result.output and not (root / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_lora_run_from_a_base_resumes(workspace, tmp_path):
+    root, _, data = workspace
+    common = ["sft", "--base", "llama", "--models-root", str(root / "models"), "--data", str(data), "--out",
+              str(tmp_path / "run"), "--set", "batch_size=2", "--set", "seq_len=192", "--set", "precision=fp32",
+              "--set", "checkpoint_every=2", "--samples", "0", "--lora", "--lora-rank", "4"]
+    first = CliRunner().invoke(builder, [*common, "--set", "max_steps=2"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(builder, [*common, "--set", "max_steps=4", "--resume"])
+    assert again.exit_code == 0, again.output
+    _, ckpt = load_model(tmp_path / "run" / "model.pth")
+    assert ckpt["step"] == 4 and ckpt["kind"] == "lora-merged"
