@@ -299,7 +299,8 @@ def card_context(registry: Registry, ref: str, export_dir: Path | None = None,
     if export is not None and export.get("format") != "supermix-export-v1":
         raise click.ClickException(f"export manifest {export_dir / 'manifest.json'}: field 'format' is "
                                    f"{export.get('format')!r}, expected 'supermix-export-v1'")
-    head_dim = c["dim"] // c["n_heads"]
+    head_dim = c.get("head_dim_override") or c["dim"] // c["n_heads"]
+    base = next((p for p in v.lineage if isinstance(p, dict) and p.get("stage") == "base"), None)
     kv_bytes = 2 * c["n_layers"] * c["n_kv_heads"] * head_dim * c["max_seq_len"] * 4
     samples = [s for s in ev.get("samples", []) if isinstance(s, dict) and "prompt" in s and "answer" in s]
     if export is not None:
@@ -311,17 +312,20 @@ def card_context(registry: Registry, ref: str, export_dir: Path | None = None,
         files = [(f["path"].split("/", 2)[-1], _mb(f["bytes"])) for f in v.files]
     champion = state["champion"]
     return {
-        "v": v, "name": f"supermix-{v.id}", "kind": v.kind,
+        "v": v, "name": f"supermix-{v.id}", "kind": v.kind, "base": base,
         "architecture": [
-            ("architecture", "decoder-only transformer, `LlamaForCausalLM`-compatible (RMSNorm, SwiGLU, "
-                             "grouped-query attention" + (", tied embeddings)" if c.get("tie_embeddings") else ")")),
+            ("architecture", "decoder-only transformer, " + (
+                f"the architecture of its base {base['name']} ({base.get('model_type')})" if base else
+                "`LlamaForCausalLM`-compatible") + " (RMSNorm, SwiGLU, grouped-query attention"
+             + (", tied embeddings)" if c.get("tie_embeddings") else ")")),
             ("layers", c["n_layers"]), ("hidden size", c["dim"]), ("attention heads", c["n_heads"]),
             ("key/value heads", c["n_kv_heads"]), ("head dim", head_dim), ("FFN (SwiGLU) hidden", c["ffn_hidden"]),
             ("positional encoding", f"RoPE, theta {c['rope_theta']:g}"),
             ("parameters", f"{v.params:,} total, {v.params:,} trainable (the released weights are all trainable; "
                            "LoRA fine-tunes are merged)"),
             ("context window", f"{c['max_seq_len']:,} tokens")],
-        "tokenizer": [("type", "SentencePiece BPE with byte fallback (`tokenizer.model`), plus `tokenizer.json`"),
+        "tokenizer": [("type", f"the base's own (`tokenizer.json` of {base['name']}) and its chat template" if base else
+                       "SentencePiece BPE with byte fallback (`tokenizer.model`), plus `tokenizer.json`"),
                       ("vocabulary", f"{c['vocab_size']:,}"),
                       ("special tokens", ", ".join(_special_tokens(tok_dir))),
                       ("tokenizer sha256", f"`{v.tokenizer_sha256}`")],
@@ -363,12 +367,17 @@ def _torch_threads() -> int:
 
 def front_matter(ctx: dict) -> dict:
     v = ctx["v"]
-    meta = {"license": "apache-2.0", "language": ["en"], "library_name": "transformers",
+    base = ctx["base"]
+    licence = "apache-2.0" if base is None else (base.get("licence") or "other").lower()
+    meta = {"license": licence if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", licence) else "other", "language": ["en"],
+            "library_name": "transformers",
             "tags": ["supermix", "llama", "text-generation", "chat", "retrieval-augmented", "cpu",
                      *(["onnx", "transformers.js"] if ctx["export"] is not None else [])],
             "datasets": ctx["dataset"]["names"], "pipeline_tag": "text-generation"}
     if v.parent:
         meta["base_model"] = f"supermix-{v.parent}"
+    elif base is not None:
+        meta["base_model"] = base["name"]
     results = [{"task": {"type": "text-generation", "name": label},
                 "dataset": {"type": "supermix", "name": dataset},
                 "metrics": [{"type": k, "value": ctx["metric_values"][k], "name": label}]}

@@ -29,12 +29,12 @@ def held_out_report(model_spec: str | None, tokenizer_dir: Path | None, data_dir
     from source.evaluate import bits_per_byte, grounded_qa, sample_conversations
     from source.sft_batches import read_jsonl
     from source.token_data import build_token_shards, default_token_dir
-    from source.tokenizer import Tokenizer
+    from source.hf_tokenizer import load_tokenizer
 
     try:
         pth, tokenizer_dir = resolve_model(model_spec, root, tokenizer_dir)
         version_id = registry_version(pth, root)
-        tok = Tokenizer.load(tokenizer_dir)
+        tok = load_tokenizer(tokenizer_dir)  # ours, or an imported base's (a version fine-tuned from one)
         model, ckpt = load_model(pth)
         if ckpt["tokenizer"] != tok.sha256:
             raise ValueError(f"{pth} was trained with tokenizer {ckpt['tokenizer'][:12]}, not {tok.sha256[:12]}")

@@ -23,15 +23,15 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from source.config import config_dict
 from source.files import replace_dir, sha256_file
-from source.model import Transformer, apply_rope, hf_config_dict, hf_state_dict
+from source.model import Transformer, apply_rope, hf_config_dict, hf_state_dict, rope_inv_freq
 from source.tokenizer import Tokenizer
 
 ONNX_OPSET = 18
@@ -48,8 +48,7 @@ class OnnxForward(nn.Module):
         super().__init__()
         cfg = model.cfg
         self.model, self.cfg = model, cfg
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
     def rms_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         # x / sqrt(...), not x * rsqrt(...): onnxruntime fuses this form into one
@@ -290,7 +289,7 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
         "model_version": version,
         "source_checkpoint": str(model_path),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "config": asdict(model.cfg),
+        "config": config_dict(model.cfg),
         "onnx_graph": graph,
         "params": model.num_params(),
         "tokenizer_sha256": tokenizer.sha256,

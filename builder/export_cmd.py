@@ -76,6 +76,9 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
         else:
             pth, version_tok = resolve_model(model_spec, root)
             tok_dir = tokenizer_dir or version_tok
+        if not (tok_dir / "tokenizer.model").is_file() and (tok_dir / "tokenizer.json").is_file():
+            raise ValueError(f"{pth}: a version fine-tuned from an imported Hugging Face base (tokenizer.json in "
+                             f"{tok_dir}) cannot be exported yet; supermix chat|ask|serve run it as it is")
         version = registry_version(pth, root)
         metrics = Registry(root).get(version).metrics if version else {}
         token_dir = default_token_dir(data_dir, Tokenizer.load(tok_dir))

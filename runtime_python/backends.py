@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from runtime_python.rows import BLOCK, PROMPT_BLOCK, attend, block_layout, chunk_end, key_mask, linear_rows
 from source.checkpoint import load_model
+from source.hf_tokenizer import has_tokenizer, load_tokenizer
 from source.model import KVCache, Transformer
 from source.tokenizer import ChatTokenizer, Tokenizer
 
@@ -81,12 +82,13 @@ class ChatBackend(Protocol):
 def default_tokenizer_dir(model_path: str | Path) -> Path:
     """`tokenizer/` beside the .pth (registry versions have one), else runs/tokenizer."""
     beside = Path(model_path).parent / "tokenizer"
-    if (beside / "tokenizer.model").is_file():
+    if has_tokenizer(beside):
         return beside
-    if (DEFAULT_TOKENIZER_DIR / "tokenizer.model").is_file():
+    if has_tokenizer(DEFAULT_TOKENIZER_DIR):
         return DEFAULT_TOKENIZER_DIR
     raise FileNotFoundError(f"no tokenizer for {model_path}: neither {beside}/ nor {DEFAULT_TOKENIZER_DIR}/ holds a "
-                            "tokenizer.model; pass the tokenizer folder the model was trained with (--tokenizer DIR)")
+                            "tokenizer.model or tokenizer.json; pass the tokenizer folder the model was trained with "
+                            "(--tokenizer DIR)")
 
 
 def resolve_model(spec: str | None, models_root: str | Path = "models",
@@ -108,7 +110,8 @@ def resolve_model(spec: str | None, models_root: str | Path = "models",
             version = registry.get(ref)  # RegistryError (a ValueError) names the known versions
         folder = registry.root / "versions" / version.id
         model, tokenizer = folder / "model.pth", folder / "tokenizer"
-        for path in (model, tokenizer / "tokenizer.model"):
+        for path in (model, tokenizer / ("tokenizer.json" if (tokenizer / "tokenizer.json").is_file() else
+                                         "tokenizer.model")):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing although {registry.path} lists {version.id}; "
                                         f"check it with `builder models info {version.id}`")
@@ -128,11 +131,11 @@ def load_checkpoint(model_path: str | Path, tokenizer_dir: str | Path | None = N
     ValueError that names both when the tokenizer is another one, instead of generating garbage. The name
     is "v3" for models/versions/v3/model.pth, "base-small" for runs/base-small/model.pth."""
     model_path = Path(model_path)
-    tokenizer = Tokenizer.load(tokenizer_dir if tokenizer_dir is not None else default_tokenizer_dir(model_path))
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else default_tokenizer_dir(model_path))
     model, ckpt = load_model(model_path, device)
     if ckpt["tokenizer"] != tokenizer.sha256:
         raise ValueError(f"{model_path} was trained with tokenizer sha256 {ckpt['tokenizer'][:12]}..., but "
-                         f"{tokenizer.path}/tokenizer.model has {tokenizer.sha256[:12]}...: pass the tokenizer "
+                         f"the tokenizer in {tokenizer.path} has {tokenizer.sha256[:12]}...: pass the tokenizer "
                          "folder it was trained with (--tokenizer DIR)")
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has only "
@@ -222,13 +225,20 @@ class TorchBackend(ChatBackend):
                 "bf16": _onednn_bf16 if onednn else (lambda w: (w.to(torch.bfloat16), F.linear))}[dtype]
         with torch.inference_mode():
             self._layers = []
+
+            def bias(*params: torch.Tensor | None) -> torch.Tensor | None:  # a base's biases, in the matmul's dtype
+                return None if params[0] is None else torch.cat(params).to(self._act)
+
             for block in model.layers:
                 a, m = block.self_attn, block.mlp
-                # softmax scale folded into q: RoPE is linear, so rope(s*q) = s*rope(q)
+                # softmax scale folded into q (and its bias): RoPE is linear, so rope(s*q) = s*rope(q)
                 qkv = torch.cat([a.q_proj.weight / math.sqrt(hd), a.k_proj.weight, a.v_proj.weight])
+                b_q = None if a.q_proj.bias is None else a.q_proj.bias / math.sqrt(hd)
                 self._layers.append((block.input_layernorm.weight.float(), pack(qkv), pack(a.o_proj.weight),
                                      block.post_attention_layernorm.weight.float(),
-                                     pack(torch.cat([m.gate_proj.weight, m.up_proj.weight])), pack(m.down_proj.weight)))
+                                     pack(torch.cat([m.gate_proj.weight, m.up_proj.weight])), pack(m.down_proj.weight),
+                                     (bias(b_q, a.k_proj.bias, a.v_proj.bias), bias(a.o_proj.bias),
+                                      bias(m.gate_proj.bias, m.up_proj.bias), bias(m.down_proj.bias))))
             self._norm = model.norm.weight.float()
             self._lm_head = pack(model.lm_head.weight)
             self._embed = model.embed_tokens.weight.float()
@@ -324,9 +334,9 @@ class TorchBackend(ChatBackend):
                             end, cache.k.shape[3]) for r, nb, end in chunks]
         x = F.embedding(torch.tensor(ids, device=dev), self._embed)  # (rows, dim) fp32 residual stream
         dim, half = (x.shape[-1],), hd // 2
-        for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self._layers):
+        for i, (ln1, wqkv, wo, ln2, wgu, wd, (b_qkv, b_o, b_gu, b_d)) in enumerate(self._layers):
             h = F.rms_norm(x, dim, ln1, eps).to(act)
-            qkv = self._linear(h, wqkv, nd).view(rows, H + 2 * KV, hd).float()
+            qkv = self._linear(h, wqkv, nd, b_qkv).view(rows, H + 2 * KV, hd).float()
             qk = qkv[:, :H + KV]
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # RoPE, HF layout
             k_cache, v_cache = cache.k[i], cache.v[i]  # (slots, KV, max_len, hd)
@@ -345,19 +355,20 @@ class TorchBackend(ChatBackend):
                 span = min(mask.shape[1] * BLOCK, k_cache.shape[2])
                 kc, vc = (c[s, :, :span].expand(nb, -1, -1, -1).reshape(nb * KV, span, hd) for c in (k_cache, v_cache))
                 y[r:r + nb * Q] = attend(qc, kc, vc, mask).view(nb, KV, Q, G, hd).transpose(1, 2).flatten(0, 1)
-            x = x + self._linear(y.view(rows, H * hd).to(act), wo, nd)
+            x = x + self._linear(y.view(rows, H * hd).to(act), wo, nd, b_o)
             h = F.rms_norm(x, dim, ln2, eps).to(act)
-            gate, up = self._linear(h, wgu, nd).split(ffn, dim=-1)
-            x = x + self._linear(F.silu(gate) * up, wd, nd)
+            gate, up = self._linear(h, wgu, nd, b_gu).split(ffn, dim=-1)
+            x = x + self._linear(F.silu(gate) * up, wd, nd, b_d)
         last = list(range(nd)) + [f + len(seg) - 1 for (_, _, seg), f in zip(prompts, firsts)]
         h = F.rms_norm(x[last] if prompts else x, dim, self._norm, eps).to(act)
         return self._linear(h, self._lm_head, len(last)).float()
 
-    def _linear(self, x: torch.Tensor, packed: tuple, nd: int) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, packed: tuple, nd: int, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T for `nd` one-row items, then prompt blocks (`rows.linear_rows`). The bf16 and int8 kernels
         have no batched form: one call takes every row, so there a row's rounding may depend on the batch."""
         w, lin = packed
-        return lin(x, w, nd) if lin is linear_rows else lin(x, w)
+        y = lin(x, w, nd) if lin is linear_rows else lin(x, w)
+        return y if bias is None else y + bias
 
 
 def check_prompt(ids: list[int], max_seq_len: int, released: bool) -> None:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from source.config import ModelConfig
+from source.config import ModelConfig, config_dict
 from source.files import umask_mode
 from source.model import Transformer
 
@@ -58,7 +58,7 @@ def save_model(path: str | Path, model: Transformer, tokenizer_sha256: str, kind
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)  # stored once; re-tied on load
-    atomic_torch_save({"format": FORMAT, "config": asdict(model.cfg), "model": state,
+    atomic_torch_save({"format": FORMAT, "config": config_dict(model.cfg), "model": state,
                        "tokenizer": tokenizer_sha256, "kind": kind, **metadata}, path)
 
 

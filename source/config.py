@@ -22,11 +22,16 @@ from typing import Any
 
 # field: (int | float, low, high, brackets) for numbers, (bool,) for flags, (str, choices) for choices
 Rule = tuple
+ROPE_SCALINGS = ("none", "linear", "llama3")  # HF rope_scaling types our rotary tables reproduce
 MODEL_RULES: dict[str, Rule] = {
     "vocab_size": (int, 2, 1 << 20, "[]"), "dim": (int, 2, 1 << 15, "[]"), "n_layers": (int, 1, 1024, "[]"),
     "n_heads": (int, 1, 1024, "[]"), "n_kv_heads": (int, 1, 1024, "[]"), "ffn_hidden": (int, 1, 1 << 18, "[]"),
     "max_seq_len": (int, 1, 1 << 17, "[]"), "rope_theta": (float, 1.0, 1e12, "(]"),
     "norm_eps": (float, 0.0, 0.1, "(]"), "tie_embeddings": (bool,), "gradient_checkpointing": (bool,),
+    "head_dim_override": (int, 0, 1024, "[]"), "qkv_bias": (bool,), "o_bias": (bool,), "mlp_bias": (bool,),
+    "rope_scaling": (str, ROPE_SCALINGS), "rope_factor": (float, 0.0, 1e6, "(]"),
+    "rope_low_freq_factor": (float, 0.0, 1e6, "(]"), "rope_high_freq_factor": (float, 0.0, 1e6, "(]"),
+    "rope_original_max_seq_len": (int, 1, 1 << 24, "[]"),
 }
 TRAIN_RULES: dict[str, Rule] = {
     "batch_size": (int, 1, 1 << 16, "[]"), "seq_len": (int, 1, 1 << 17, "[]"), "grad_accum": (int, 1, 1 << 16, "[]"),
@@ -82,6 +87,7 @@ def estimate_params(cfg: "ModelConfig") -> int:
     """The parameter count of `Transformer(cfg)`, from the config alone (tests check it equals the model's)."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     per_layer = 2 * cfg.dim + cfg.dim * (2 * q + 2 * kv) + 3 * cfg.dim * cfg.ffn_hidden
+    per_layer += (q + 2 * kv) * cfg.qkv_bias + cfg.dim * cfg.o_bias + (2 * cfg.ffn_hidden + cfg.dim) * cfg.mlp_bias
     return cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * per_layer + cfg.dim
 
 
@@ -98,15 +104,26 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     gradient_checkpointing: bool = False
+    # Variants of imported Hugging Face bases (source/base_model.py). The defaults are our own models' shape,
+    # so checkpoints written before these fields existed load unchanged.
+    head_dim_override: int = 0  # HF `head_dim` when it is not dim // n_heads; 0: dim // n_heads
+    qkv_bias: bool = False  # biases on q/k/v (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # bias on o_proj (Llama's attention_bias)
+    mlp_bias: bool = False  # biases on gate/up/down (Llama's mlp_bias)
+    rope_scaling: str = "none"  # HF rope_scaling type: "linear" or "llama3" rescale the rotary frequencies
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_seq_len: int = 8192  # llama3 only: original_max_position_embeddings
 
     def __post_init__(self) -> None:
         check_fields(self, MODEL_RULES)
-        if self.dim % self.n_heads:
+        if not self.head_dim_override and self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2 or self.head_dim > MAX_HEAD_DIM:
-            raise ValueError(f"head dimension dim/n_heads={self.head_dim} must be even (rotary embeddings) and at "
+            raise ValueError(f"head dimension {self.head_dim} must be even (rotary embeddings) and at "
                              f"most {MAX_HEAD_DIM}")
         if (n := estimate_params(self)) > MAX_PARAMS:
             raise ValueError(f"this config has {n:,} parameters; the limit is {MAX_PARAMS:,} "
@@ -114,7 +131,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_override or self.dim // self.n_heads
 
 
 @dataclass
@@ -174,6 +191,18 @@ SFT_PRESETS: dict[str, dict[str, Any]] = {
     "blueprint-700m": dict(batch_size=8, seq_len=4096, grad_accum=8, max_steps=5000, lr=5e-5, warmup_steps=100,
                            eval_every=500, checkpoint_every=500, distributed="fsdp", weight_decay=0.0),
 }
+
+
+VARIANT_FIELDS = ("head_dim_override", "qkv_bias", "o_bias", "mlp_bias", "rope_scaling", "rope_factor",
+                  "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len")
+
+
+def config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The config as a checkpoint and the registry store it: the base-model variant fields only where they differ
+    from their defaults, so our own models' configs stay what they were (and older code still reads them)."""
+    defaults = ModelConfig()
+    return {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k not in VARIANT_FIELDS or v != getattr(defaults, k)}
 
 
 def _coerce(value: str, current: Any) -> Any:
@@ -244,4 +273,4 @@ def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], 
 
 __all__ = ["ModelConfig", "TrainConfig", "MODEL_PRESETS", "TRAIN_PRESETS", "SFT_PRESETS", "model_config", "train_config",
            "apply_overrides", "split_overrides", "MODEL_RULES", "TRAIN_RULES", "MAX_PARAMS", "check_fields",
-           "estimate_params"]
+           "estimate_params", "ROPE_SCALINGS", "config_dict"]

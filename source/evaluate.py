@@ -70,7 +70,11 @@ def reply(model: Transformer, tokenizer, messages: list[dict], passages: list | 
           max_new_tokens: int = 64, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
     """Greedy answer to `messages` (ending with a user turn) shown `passages`, through the runtime's prompt."""
     prompt = build_prompt(tokenizer, messages, passages or [], system_prompt, max_new_tokens, model.cfg.max_seq_len)
-    out = model.generate(prompt.ids, max_new_tokens, stop_ids=(tokenizer.special_ids["end"], tokenizer.eos_id))
+    # ours: <|end|> and EOS, as always; an imported base's template has its own end tokens: every special token
+    # ends a reply there, as in the chat engine
+    stops = ((tokenizer.special_ids["end"], tokenizer.eos_id) if "end" in tokenizer.special_ids else
+             tuple({tokenizer.eos_id, tokenizer.bos_id, *tokenizer.special_ids.values()} - {None}))
+    out = model.generate(prompt.ids, max_new_tokens, stop_ids=stops)
     return tokenizer.decode(out).strip()
 
 

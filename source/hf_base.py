@@ -118,6 +118,11 @@ def read_architecture(folder: Path) -> Architecture:
     if "head_dim" not in cfg and hidden % heads:
         raise BaseError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
                         "and there is no head_dim")
+    rope_fields(_field(cfg, "rope_scaling", (dict,), "an object or null", where, None), where)
+    if (act := cfg.get("hidden_act", "silu")) != "silu":
+        raise BaseError(f"{where}: hidden_act {act!r} is not supported (silu)")
+    if cfg.get("use_sliding_window"):
+        raise BaseError(f"{where}: use_sliding_window true is not supported (full attention only)")
     return Architecture(
         model_type=model_type, layers=_positive(cfg, "num_hidden_layers", where), hidden=hidden, heads=heads,
         kv_heads=kv_heads, head_dim=_positive(cfg, "head_dim", where, hidden // heads),
@@ -129,6 +134,28 @@ def read_architecture(folder: Path) -> Architecture:
         # qwen2 always has q/k/v biases; llama has them (on q/k/v/o) only with attention_bias
         attention_bias=model_type == "qwen2" or _field(cfg, "attention_bias", (bool,), "true or false", where, False),
         mlp_bias=model_type == "llama" and _field(cfg, "mlp_bias", (bool,), "true or false", where, False))
+
+
+def rope_fields(scaling: dict | None, where: str) -> dict:
+    """HF `rope_scaling` as ModelConfig fields: types "linear" and "llama3" (and "default"); others are refused."""
+    if not scaling:
+        return {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return {}
+    if kind not in ("linear", "llama3"):
+        raise BaseError(f"{where}: rope_scaling type {kind!r} is not supported (linear, llama3)")
+    keys = {"factor": "rope_factor"} | ({"low_freq_factor": "rope_low_freq_factor",
+                                        "high_freq_factor": "rope_high_freq_factor",
+                                        "original_max_position_embeddings": "rope_original_max_seq_len"}
+                                       if kind == "llama3" else {})
+    out: dict = {"rope_scaling": kind}
+    for key, name in keys.items():
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise BaseError(f"{where}: rope_scaling.{key} must be a positive number, got {value!r:.40}")
+        out[name] = int(value) if name == "rope_original_max_seq_len" else float(value)
+    return out
 
 
 def expected_tensors(arch: Architecture) -> dict[str, tuple[int, ...]]:

@@ -341,3 +341,20 @@ class HFTokenizer:
             raise TokenizerError(f"{self.path / 'tokenizer.json'}: its decoder turns {PROBE!r} into {decoded!r}, but "
                                  f"its pieces spell {spelled!r}: this decoder is not supported")
         return table, frozenset(byte_ids), spelled != decoded
+
+
+# the files of a Hugging Face tokenizer folder a model version keeps (besides a licence file)
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether `folder` holds our tokenizer (tokenizer.model) or a Hugging Face one (tokenizer.json)."""
+    return (Path(folder) / "tokenizer.model").is_file() or (Path(folder) / "tokenizer.json").is_file()
+
+
+def load_tokenizer(folder: str | Path):
+    """Our SentencePiece `Tokenizer` where the folder has tokenizer.model, else an `HFTokenizer` (a version
+    fine-tuned from an imported base keeps the base's tokenizer.json and chat template)."""
+    from source.tokenizer import Tokenizer
+
+    return Tokenizer.load(folder) if (Path(folder) / "tokenizer.model").is_file() else HFTokenizer.load(folder)

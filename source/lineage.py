@@ -115,7 +115,7 @@ def lineage_rows(lineage: list[dict], training: dict, kind: str, parent: str | N
                    "seed": tc.get("seed"), "lr": tc.get("lr"), "wall_seconds": training.get("seconds")}]
         note = (f"{vid} was registered before lineage was recorded: this row is derived from its training summary, "
                 f"and the pieces before it (from {parent or 'scratch'}) are not recorded in the registry.")
-    rows = [[str(p.get("name") or "-"), _show(p.get("stage")), str(p.get("parent") or p.get("from") or "scratch"),
+    rows = [[str(p.get("name") or "-"), _show(p.get("stage")), str(p.get("parent") or p.get("from") or ("imported" if p.get("stage") == "base" else "scratch")),
              _show(p.get("data_sha256"), "sha"), _show(p.get("steps")), _show(p.get("seed"), "plain"), _show(p.get("lr")),
              _show(p.get("wall_seconds"), "seconds")] for p in pieces]
     return {"rows": rows, "note": note}

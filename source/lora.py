@@ -35,5 +35,6 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A plain Transformer with the adapters folded into the weights; `model` keeps training."""
-    return copy.deepcopy(model).merge_and_unload()
+    """A plain fp32 Transformer with the adapters folded into the weights; `model` keeps training. A base held in
+    bf16 (`builder sft --bf16 --lora`) is widened first, so the small adapter deltas are not rounded away."""
+    return copy.deepcopy(model).float().merge_and_unload()

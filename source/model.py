@@ -4,8 +4,11 @@ Design choices (all chosen so the weights map 1:1 onto Hugging Face `LlamaForCau
 - rotary position embeddings (RoPE, half-split "rotate_half" layout as in HF), no learned positions
 - RMSNorm before attention and MLP (pre-norm), final RMSNorm
 - SwiGLU MLP: down(silu(gate(x)) * up(x))
-- grouped-query attention (n_kv_heads <= n_heads), no bias anywhere
+- grouped-query attention (n_kv_heads <= n_heads), no bias anywhere in our own models
 - tied input/output embeddings (one matrix stored once)
+- the variants of imported Hugging Face bases (source/base_model.py) are config fields, all off by default:
+  an untied head, head_dim other than dim / n_heads, q/k/v biases (Qwen2), o_proj and MLP biases (Llama's
+  attention_bias / mlp_bias), "linear" and "llama3" rope scaling, which only change the rotary frequencies
 - attention through `F.scaled_dot_product_attention` (fused kernels on CPU and GPU)
 - the training loss is a chunked linear + cross-entropy that never holds the whole batch's logits
 - incremental decoding with a preallocated KV cache: `KVCache` holds fixed-size tensors and a
@@ -37,9 +40,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """The rotary frequencies (head_dim / 2,), rescaled as HF's `rope_scaling` types "linear" and "llama3" do."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    if cfg.rope_scaling == "linear":  # positions divided by the factor, i.e. the frequencies
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":  # long wavelengths divided by the factor, short ones kept, a blend between
+        factor, low, high, old = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                  cfg.rope_original_max_seq_len)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32), rope_inv_freq(cfg))
     emb = torch.cat((freqs, freqs), dim=-1)  # HF layout: the two halves share frequencies
     return emb.cos(), emb.sin()
 
@@ -145,10 +165,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -176,9 +196,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -211,7 +231,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         # not saved in checkpoints: derived from the config
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -224,6 +244,8 @@ class Transformer(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights counted once
@@ -300,10 +322,28 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def hf_config_dict(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2) -> dict:
-    """The `config.json` fields of an equivalent HF `LlamaConfig`."""
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
-                hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden, num_hidden_layers=cfg.n_layers,
-                num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype="float32")
+    """The `config.json` fields of an equivalent HF `LlamaConfig` (`Qwen2Config` for q/k/v biases without an o_proj
+    bias, Qwen2's layout)."""
+    qwen2 = cfg.qkv_bias and not cfg.o_bias
+    if qwen2 and cfg.mlp_bias:
+        raise ValueError("q/k/v biases with MLP biases but no o_proj bias is neither a Llama nor a Qwen2 model")
+    if cfg.qkv_bias != cfg.o_bias and not qwen2:
+        raise ValueError("an o_proj bias without q/k/v biases is neither a Llama nor a Qwen2 model")
+    out = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=cfg.vocab_size,
+               hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden, num_hidden_layers=cfg.n_layers,
+               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+               max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+               tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_bias=cfg.o_bias,
+               mlp_bias=cfg.mlp_bias, bos_token_id=bos_id, eos_token_id=eos_id, torch_dtype="float32")
+    if cfg.rope_scaling == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_factor}
+    elif cfg.rope_scaling == "llama3":
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
+                               "low_freq_factor": cfg.rope_low_freq_factor,
+                               "high_freq_factor": cfg.rope_high_freq_factor,
+                               "original_max_position_embeddings": cfg.rope_original_max_seq_len}
+    if qwen2:
+        out.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
+        for key in ("attention_bias", "mlp_bias"):
+            out.pop(key)  # Qwen2 always has q/k/v biases and no others
+    return out

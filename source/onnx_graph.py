@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from source.config import ModelConfig
-from source.model import Transformer
+from source.model import Transformer, rope_inv_freq
 
 
 def fits(cfg: ModelConfig) -> bool:
@@ -52,7 +52,10 @@ def contrib_graph(model: Transformer) -> onnx.ModelProto:
     def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
 
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, D, 2, dtype=np.float32) / D))
+    if cfg.rope_scaling == "none":  # kept as it was: the release keys its cached evaluation on these bytes
+        inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, D, 2, dtype=np.float32) / D))
+    else:
+        inv_freq = rope_inv_freq(cfg).numpy()
     angles = np.arange(cfg.max_seq_len, dtype=np.float32)[:, None] * inv_freq[None, :]
     init("cos_cache", np.cos(angles).astype(np.float32))
     init("sin_cache", np.sin(angles).astype(np.float32))
@@ -87,21 +90,33 @@ def contrib_graph(model: Transformer) -> onnx.ModelProto:
         init(p + "split_qkv", np.array([H * D, KV * D, KV * D], dtype=np.int64))
         init(p + "split_gu", np.array([cfg.ffn_hidden, cfg.ffn_hidden], dtype=np.int64))
         node("SimplifiedLayerNormalization", [h, p + "in_norm"], [p + "x"], axis=-1, epsilon=cfg.norm_eps)
-        node("MatMul", [p + "x", p + "w_qkv"], [p + "qkv"])
+        node("MatMul", [p + "x", p + "w_qkv"], [p + "qkv" + "_nb" * cfg.qkv_bias])
+        if cfg.qkv_bias:
+            init(p + "b_qkv", np.concatenate([sd[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
+            node("Add", [p + "qkv_nb", p + "b_qkv"], [p + "qkv"])
         node("Split", [p + "qkv", p + "split_qkv"], [p + "q", p + "k", p + "v"], axis=-1)
         node("GroupQueryAttention", [p + "q", p + "k", p + "v", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                      "seqlens_k", "total_len", "cos_cache", "sin_cache"],
              [p + "attn", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
              num_heads=H, kv_num_heads=KV, do_rotary=1, rotary_interleaved=0, scale=float(D ** -0.5))
-        node("MatMul", [p + "attn", p + "w_o"], [p + "attn_out"])
+        node("MatMul", [p + "attn", p + "w_o"], [p + "attn_out" + "_nb" * cfg.o_bias])
+        if cfg.o_bias:
+            init(p + "b_o", sd[p + "self_attn.o_proj.bias"])
+            node("Add", [p + "attn_out_nb", p + "b_o"], [p + "attn_out"])
         node("Add", [h, p + "attn_out"], [p + "h_mid"])
         node("SimplifiedLayerNormalization", [p + "h_mid", p + "post_norm"], [p + "x2"], axis=-1, epsilon=cfg.norm_eps)
-        node("MatMul", [p + "x2", p + "w_gu"], [p + "gu"])
+        node("MatMul", [p + "x2", p + "w_gu"], [p + "gu" + "_nb" * cfg.mlp_bias])
+        if cfg.mlp_bias:
+            init(p + "b_gu", np.concatenate([sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"]]))
+            node("Add", [p + "gu_nb", p + "b_gu"], [p + "gu"])
         node("Split", [p + "gu", p + "split_gu"], [p + "gate", p + "up"], axis=-1)
         node("Sigmoid", [p + "gate"], [p + "gate_sig"])
         node("Mul", [p + "gate", p + "gate_sig"], [p + "gate_silu"])
         node("Mul", [p + "gate_silu", p + "up"], [p + "act"])
-        node("MatMul", [p + "act", p + "w_down"], [p + "mlp_out"])
+        node("MatMul", [p + "act", p + "w_down"], [p + "mlp_out" + "_nb" * cfg.mlp_bias])
+        if cfg.mlp_bias:
+            init(p + "b_down", sd[p + "mlp.down_proj.bias"])
+            node("Add", [p + "mlp_out_nb", p + "b_down"], [p + "mlp_out"])
         node("Add", [p + "h_mid", p + "mlp_out"], [p + "h_out"])
         h = p + "h_out"
     init("final_norm", sd["norm.weight"])

@@ -36,6 +36,7 @@ from source.version_summary import finite_number as _num, training_summary, vers
 FORMAT = "supermix-registry-v1"
 KINDS = ("pretrain", "sft", "lora-merged", "dpo")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_OPTIONAL = ("special_tokens_map.json", "chat_template.jinja")
 CHAMPION_RULE = ("highest natural_site_correct (hand-written questions through the site) wins; ties, and "
                  "versions without it, are ranked by highest grounded_qa, then by lowest val_bpb; a version with "
                  "none of them is never picked; a full tie keeps the older version")
@@ -46,6 +47,18 @@ LOCK_NAME = ".registry.lock"
 
 class RegistryError(ValueError):
     """A registry problem a user can act on; the message names the file and the field or version."""
+
+
+def tokenizer_files(folder: Path) -> tuple[list[str], str]:
+    """(the files a version keeps of its tokenizer folder, the one whose sha256 the checkpoint records). Ours:
+    tokenizer.model and its exports. A Hugging Face base's (a version fine-tuned from an imported base):
+    tokenizer.json, tokenizer_config.json, whichever of special_tokens_map.json and chat_template.jinja it has,
+    and its licence file, so the version folder is self-contained."""
+    if (folder / "tokenizer.model").is_file() or not (folder / "tokenizer.json").is_file():
+        return list(TOKENIZER_FILES), "tokenizer.model"
+    extra = sorted(p.name for p in folder.iterdir() if p.is_file() and (
+        p.name in HF_OPTIONAL or re.fullmatch(r"(licen[cs]e|copying)(\.(txt|md))?", p.name, re.IGNORECASE)))
+    return ["tokenizer.json", "tokenizer_config.json", *extra], "tokenizer.json"
 
 
 def _ckpt():
@@ -257,12 +270,13 @@ class Registry:
             ckpt = ck.read_checkpoint(checkpoint_path)
         except (FileNotFoundError, ValueError) as exc:
             raise RegistryError(str(exc)) from None
-        if missing := [n for n in TOKENIZER_FILES if not (tokenizer_dir / n).is_file()]:
+        tok_files, tok_main = tokenizer_files(tokenizer_dir)
+        if missing := [n for n in tok_files if not (tokenizer_dir / n).is_file()]:
             raise RegistryError(f"{tokenizer_dir}: tokenizer folder lacks {', '.join(missing)}")
-        tok_sha = sha256_file(tokenizer_dir / "tokenizer.model")
+        tok_sha = sha256_file(tokenizer_dir / tok_main)
         if ckpt["tokenizer"] != tok_sha:
             raise RegistryError(f"{checkpoint_path}: trained with tokenizer sha256 {ckpt['tokenizer'][:12]}..., but "
-                                f"{tokenizer_dir}/tokenizer.model has {tok_sha[:12]}...: wrong tokenizer folder")
+                                f"{tokenizer_dir}/{tok_main} has {tok_sha[:12]}...: wrong tokenizer folder")
         if (kind := ckpt.get("kind", "pretrain")) not in KINDS:
             raise RegistryError(f"{checkpoint_path}: checkpoint kind {kind!r} is not one of {', '.join(KINDS)}")
         derived, val_bpb = training_summary(ckpt, checkpoint_path)
@@ -282,7 +296,7 @@ class Registry:
             for stray in self.strays():  # leftovers of killed adds/removes (a live writer would hold the lock)
                 shutil.rmtree(stray)
             (staging / "tokenizer").mkdir(parents=True)
-            sources = {"model.pth": checkpoint_path, **{f"tokenizer/{n}": tokenizer_dir / n for n in TOKENIZER_FILES}}
+            sources = {"model.pth": checkpoint_path, **{f"tokenizer/{n}": tokenizer_dir / n for n in tok_files}}
             logs = run_logs(ckpt, checkpoint_path)  # runs/ is not in git: keep what the card's loss curve needs
             for rel, src in {**sources, **logs}.items():
                 if rel in logs:

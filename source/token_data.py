@@ -44,7 +44,8 @@ def tokenize_split(texts: Iterable[str], tokenizer, out_path: Path, progress: bo
     with open(tmp, "wb") as f, tqdm(desc=f"tokenize {out_path.stem}", unit=" docs", disable=not progress) as bar:
         for batch in _batched(texts, 512):
             for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-                arr = np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
+                bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]  # Qwen's tokenizers have no BOS
+                arr = np.asarray([*bos, *ids, tokenizer.eos_id], dtype=dtype)
                 f.write(arr.tobytes())
                 n_tokens += arr.size
                 n_bytes += len(text.encode("utf-8"))

@@ -30,7 +30,7 @@ import torch
 from source.checkpoint import (CheckpointError, atomic_torch_save, check_same_save, load_model, model_from_checkpoint,
                                new_save_id, read_checkpoint, read_train_state, save_model)
 from source.files import atomic_write_bytes
-from source.config import ModelConfig, TrainConfig
+from source.config import ModelConfig, TrainConfig, config_dict
 from source.lora import apply_lora, load_lora_state, lora_state_dict, merged_copy
 from source.model import Transformer
 
@@ -219,12 +219,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
           tokenizer_sha256: str, kind: str = "pretrain", resume: bool = False, init_from: str | Path | None = None,
           metadata: dict | None = None, progress: bool = True, lora_rank: int = 0, lora_alpha: float = 16.0,
           on_log: Callable[[dict], None] | None = None, time_budget_s: float | None = None,
-          loss_fn: Callable[..., tuple] = lm_loss) -> TrainResult:
+          loss_fn: Callable[..., tuple] = lm_loss, init_model: Callable[[], Transformer] | None = None) -> TrainResult:
     """Train `model_cfg` on `data`, writing checkpoints and logs to `out_dir`.
 
     `init_from` starts from another run's `model.pth` (SFT starts from the pretrained model);
     `resume` continues this folder's own run from `train_state.pt`. `lora_rank > 0` trains LoRA
-    adapters on a frozen `init_from` model; the saved `model.pth` has them merged in.
+    adapters on a frozen `init_from` model; the saved `model.pth` has them merged in. `init_model` builds the
+    starting model instead of `init_from` (an imported Hugging Face base, source.base_model).
 
     `time_budget_s` fits the run to a wall-clock budget (a lent GPU for a few minutes): after a few timed
     steps, max_steps is lowered to what fits, before the cosine schedule depends on it, and the new value
@@ -253,7 +254,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
 
     if resume and not (state_path.is_file() and (out_dir / "model.pth").is_file()):
         raise FileNotFoundError(f"{out_dir}: nothing to resume (need model.pth and train_state.pt)")
-    if lora_rank and init_from is None:
+    if lora_rank and init_from is None and init_model is None:
         raise ValueError("LoRA fine-tunes an existing model: pass init_from (the base model.pth)")
     torch.manual_seed(train_cfg.seed)
     if resume:  # before any model is built: weights and optimizer state must come from one save
@@ -261,6 +262,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
         check_same_save(saved, state, out_dir)
     if resume and not lora_rank:  # LoRA resumes from the frozen base plus the saved adapters
         model = model_from_checkpoint(saved)
+    elif init_model is not None:
+        model = init_model()
     elif init_from is not None:
         model, _ = load_model(init_from)
     else:
@@ -294,7 +297,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: BatchSource, out
     compiled = torch.compile(model) if train_cfg.compile else model
     compiled, optimizer = accelerator.prepare(compiled, optimizer)
     if main:
-        run_info = {"kind": kind, "model": asdict(model_cfg), "train": asdict(train_cfg), "params": n_params,
+        run_info = {"kind": kind, "model": config_dict(model_cfg), "train": asdict(train_cfg), "params": n_params,
                     "trainable_params": n_trainable, "lora_rank": lora_rank, "processes": world,
                     "device": str(accelerator.device), "tokenizer_sha256": tokenizer_sha256,
                     "time_budget_s": time_budget_s, "cpu_precision_probe": probe, **(metadata or {})}
