@@ -36,7 +36,7 @@ def gguf(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, dtypes: tup
     Examples:
       builder gguf                              # the champion -> dist/gguf
       builder gguf --model v9 --dtype q8_0 --out /tmp/v9-gguf
-      python -m llama_cpp.server --model dist/gguf/model-f32.gguf   # needs `pip install supermix[llama-cpp]`
+      cd dist/gguf && ollama create supermix -f Modelfile && ollama run supermix
     """
     from builder.gguf import export_gguf
     from builder.eval_cmd import registry_version
