@@ -31,7 +31,7 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "A compact way to build a list: [x * x for x in range(10)]."},
      {"role": "user", "content": "and how do i read a file line by line?"}],
 ]
-TEXTS = ["hello world", " leading space", "two  spaces\tand a tab\n\nnew paragraph\n", "naïve café ☕ 日本語 🙂",
+TEXTS = ["hello world", " leading space", "<0x0A> literal", "▁ literal", "emoji 🙂 zwj 👩‍💻", "ümlaut ß", "two  spaces\tand a tab\n\nnew paragraph\n", "naïve café ☕ 日本語 🙂",
          "x = 1234567890", "def f(a, b):\n    return a ** b\n", "<|user|>hi<|end|><|assistant|>", "<s>a</s> <unk>",
          "‹|end|> defused", "", " ", "\n"]
 
@@ -85,11 +85,21 @@ def case(request, tmp_path_factory):
     return request.param, model, tok, out
 
 
-def test_llama_cpp_tokenizes_like_us(case):
+def test_llama_cpp_tokenizes_and_decodes_like_us(case):
+    """llama.cpp's own SentencePiece tokenizer ("llama") on our pieces, scores and types gives our ids and text."""
+    import random
+
+    import pydoc_data.topics
+
     _, model, tok, folder = case
-    llm = _llama(folder / gguf_name("f32"), 64)
-    for text in TEXTS:
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
+    paragraphs = [p for topic in pydoc_data.topics.topics.values() for p in topic.split("\n\n")]
+    texts = TEXTS + random.Random(0).sample(paragraphs, 300)
+    llm = llama_cpp.Llama(model_path=str(folder / gguf_name("f32")), vocab_only=True, verbose=False)
+    for text in texts:
+        ids = tok.encode(text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        # special=False: control tokens print nothing, as our decode skips them; after <s> the dummy prefix goes
+        assert llm.detokenize([tok.bos_id, *ids]).decode() == tok.decode(ids), text
     assert llm.tokenize(b"hi", add_bos=True, special=True) == [tok.bos_id] + tok.encode("hi")
 
 
