@@ -238,15 +238,18 @@ def write_hf_folder(model: Transformer, tokenizer: Tokenizer, out: Path) -> None
 
 
 def gguf_gate(model: Transformer, tokenizer: Tokenizer, folder: Path) -> dict:
-    """The f32 GGUF read back (gguf.GGUFReader): every weight equal after un-permuting q/k, the same pieces."""
+    """Every GGUF file read back (gguf.GGUFReader): each weight as its dtype rounds ours, q/k un-permuted, and
+    the same pieces."""
     from builder.export_gates import gate
-    from builder.gguf import check_gguf, gguf_name
+    from builder.gguf import DEFAULT_DTYPES, check_gguf, gguf_name
 
+    bar = "every tensor and piece equal (f16/q8_0: ours rounded alike)"
     try:
-        check_gguf(folder / gguf_name("f32"), model, tokenizer)
-        return gate("gguf f32 read-back", True, "equal", "every tensor and piece equal")
+        for dtype in DEFAULT_DTYPES:
+            check_gguf(folder / gguf_name(dtype), model, tokenizer)
+        return gate("gguf read-back", True, "equal", bar)
     except ValueError as exc:
-        return gate("gguf f32 read-back", False, "differs", "every tensor and piece equal", detail=str(exc))
+        return gate("gguf read-back", False, "differs", bar, detail=str(exc))
 
 
 def _version(package: str) -> str:

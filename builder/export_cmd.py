@@ -43,7 +43,7 @@ def gate_table(gates: list[dict]) -> str:
               help="Also write onnx/model_gqa_quantized.onnx (contrib graph, int8), the fastest file for "
                    "onnxruntime (supermix --backend onnx --dtype int8).")
 @click.option("--gguf", is_flag=True, help="Also write gguf/ (f32, f16, q8_0 GGUF + an Ollama Modelfile, as "
-              "`builder gguf` does), gated by reading the f32 file back; not copied to the site.")
+              "`builder gguf` does), gated by reading every file back; not copied to the site.")
 def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool, index_path: Path, no_index: bool,
            data_dir: Path, root: Path, graph: str, native: bool, gguf: bool) -> None:
     """Export a model for transformers, transformers.js, onnxruntime and optimum, and check it.

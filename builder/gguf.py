@@ -45,7 +45,7 @@ from source.sft_data import DEFAULT_SYSTEM_PROMPT
 from source.tokenizer import CHAT_ROLES, SPECIAL_TOKENS, Tokenizer
 
 DTYPES = ("f32", "f16", "q8_0")
-DEFAULT_DTYPES = ("f32", "f16", "q8_0")
+DEFAULT_DTYPES = DTYPES
 MODELFILE_WEIGHTS = "model-f32.gguf"  # exact and small (32 MB for the champion); q8_0 is the small choice
 DEFUSED = "\u2039"  # what source.tokenizer.defuse_special_tokens puts in place of a spelling's "<"
 
@@ -273,7 +273,8 @@ def export_gguf(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str 
     shutil.rmtree(partial, ignore_errors=True)
     try:
         files = write_gguf_folder(model.eval(), tokenizer, partial, dtypes, name, GENERATION_DEFAULTS, log)
-        check_gguf(partial / gguf_name(dtypes[0]), model, tokenizer)
+        for dtype in dtypes:
+            check_gguf(partial / gguf_name(dtype), model, tokenizer)
         replace_dir(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -303,20 +304,26 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def check_gguf(path: Path, model: Transformer, tokenizer: Tokenizer, atol: float = 0.0) -> None:
-    """ValueError unless the file holds every weight of `model` (within `atol`) and `tokenizer`'s pieces."""
+def check_gguf(path: Path, model: Transformer, tokenizer: Tokenizer) -> None:
+    """ValueError unless the file holds `tokenizer`'s pieces and every weight of `model`, exactly as its dtype
+    rounds it (f32: equal; f16 and q8_0: equal to our weights rounded the same way)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
     pieces = reader.fields["tokenizer.ggml.tokens"].contents()
     if pieces != [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]:
         raise ValueError(f"{path}: tokenizer.ggml.tokens differ from {tokenizer.path}")
+    file_type = gguf.LlamaFileType(reader.fields["general.file_type"].contents())
+    dtype = {gguf.LlamaFileType.ALL_F32: "f32", gguf.LlamaFileType.MOSTLY_F16: "f16",
+             gguf.LlamaFileType.MOSTLY_Q8_0: "q8_0"}[file_type]
     got = read_tensors(path)
     want = gguf_tensors(model)
     if set(got) != set(want):
         raise ValueError(f"{path}: tensors {sorted(set(got) ^ set(want))} missing or unexpected")
     for name, (arr, hf_name) in want.items():
-        ours = unpermute_qk(arr, model.cfg.n_heads if "attn_q" in name else model.cfg.n_kv_heads) \
-            if name.endswith(("attn_q.weight", "attn_k.weight")) else arr
-        if got[name].shape != ours.shape or not np.allclose(got[name], ours, rtol=0, atol=atol):
+        data, raw = _encode_tensor(arr, dtype)
+        rounded = gguf.quants.dequantize(data, raw).reshape(arr.shape) if raw is not None else data.astype(np.float32)
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            rounded = unpermute_qk(rounded, model.cfg.n_heads if "attn_q" in name else model.cfg.n_kv_heads)
+        if got[name].shape != rounded.shape or not np.array_equal(got[name], rounded):
             raise ValueError(f"{path}: {name} ({hf_name}) differs from the checkpoint")

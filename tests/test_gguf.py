@@ -10,8 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from builder.gguf import (DEFAULT_DTYPES, MODELFILE_WEIGHTS, chat_template, gguf_name, permute_qk, unpermute_qk,
-                          write_gguf, write_gguf_folder)
+from builder.gguf import (DEFAULT_DTYPES, MODELFILE_WEIGHTS, chat_template, check_gguf, gguf_name, permute_qk,
+                          unpermute_qk, write_gguf, write_gguf_folder)
 from source.checkpoint import load_model
 from source.model import hf_state_dict
 from source.prompt import build_prompt
@@ -183,9 +183,14 @@ def test_modelfile_and_cli(tiny_base, tiny_workspace, tmp_path):
 
     out = tmp_path / "gguf"
     result = CliRunner().invoke(main, ["gguf", "--model", str(tiny_base), "--tokenizer",
+                                       str(tiny_workspace["tokenizer"]), "--out", str(out), "--dtype", "q8_0"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-q8_0.gguf"]
+    assert "FROM ./model-q8_0.gguf" in (out / "Modelfile").read_text()
+    result = CliRunner().invoke(main, ["gguf", "--model", str(tiny_base), "--tokenizer",
                                        str(tiny_workspace["tokenizer"]), "--out", str(out), "--dtype", "f32"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-f32.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-f32.gguf"]  # replaced as a whole
     text = (out / "Modelfile").read_text()
     assert f"FROM ./{MODELFILE_WEIGHTS}" in text and f'SYSTEM """{DEFAULT_SYSTEM_PROMPT}"""' in text
     assert 'PARAMETER stop "<|end|>"' in text and "<|user|>{{ .Content }}<|end|>" in text
@@ -197,6 +202,19 @@ def test_modelfile_and_cli(tiny_base, tiny_workspace, tmp_path):
     assert result.exit_code != 0 and "was trained with tokenizer" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-f32.gguf"]
     assert not list(tmp_path.glob(".gguf.partial"))
+
+
+def test_read_back_check_catches_a_changed_weight(tiny, tiny_gguf):
+    import copy
+
+    model, tok = tiny
+    for dtype in DEFAULT_DTYPES:
+        check_gguf(tiny_gguf / gguf_name(dtype), model, tok)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.layers[1].self_attn.k_proj.weight[3, 5] += 0.5
+    with pytest.raises(ValueError, match="blk.1.attn_k.weight"):
+        check_gguf(tiny_gguf / gguf_name("q8_0"), other, tok)
 
 
 def test_wrong_vocab_is_refused(tiny, tmp_path):
@@ -213,5 +231,5 @@ def test_export_gguf_is_gated_and_not_shipped_to_the_site(tiny_export):
     manifest = json.loads((tiny_export / "manifest.json").read_text())
     files = {f["path"] for f in manifest["files"]}
     assert {f"gguf/{gguf_name(d)}" for d in DEFAULT_DTYPES} | {"gguf/Modelfile"} <= files
-    gate = next(g for g in manifest["gates"] if g["name"] == "gguf f32 read-back")
+    gate = next(g for g in manifest["gates"] if g["name"] == "gguf read-back")
     assert gate["passed"] is True and gate["required"]
