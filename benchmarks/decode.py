@@ -2,7 +2,7 @@
 
     python benchmarks/decode.py [--checkpoint runs/base-small/model.pth] [--preset small]
                                 [--prompt-tokens 64] [--new-tokens 128] [--threads 1] [--compile]
-                                [--onnx dist/export] [--clock wall|cpu]
+                                [--onnx dist/export] [--gguf FILE] [--clock wall|cpu]
 
 Rows, measured one after another in this one process, on the same prompt:
 - `hf-generate`: transformers' LlamaForCausalLM (fp32, its default sdpa attention), our weights
@@ -14,6 +14,11 @@ Rows, measured one after another in this one process, on the same prompt:
 - `onnx-fp32`, `onnx-int8`, `onnx-int8-gqa` (the GroupQueryAttention graph, onnx/model_gqa_quantized.onnx):
   `OnnxBackend` over the export folder `--onnx` (default dist/export when it exists; it must hold the
   same weights as --checkpoint: `builder export --model X` of that checkpoint), same loop
+- `llama.cpp-fp32 (N threads)`: llama-cpp-python (the `llama-cpp` extra, compiled from its source package) on the
+  f32 GGUF of the same weights (`builder.gguf.write_gguf`, written to a temporary folder; `--gguf FILE` to
+  use another), prefill + one `eval` per token, argmax over `llama_get_logits`, same loop; 1 and 2 threads
+  (only `--threads` when given); skipped with a note when `llama_cpp` is not importable or the weights have
+  no tokenizer
 Each row: tokens/s over the whole generation (prompt prefill + new tokens, the median of `--repeats`
 timed runs after one warm-up), ms per token, the ratio to hf-generate, how many of the new tokens
 equal HF's greedy tokens (fp32 must match all; bf16/int8 drift by design), and decode tokens/s after the
@@ -31,9 +36,11 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from anywhere
@@ -90,6 +97,54 @@ def ours(backend: ChatBackend, prompt: list[int], n: int, eos: int,
     return out, prefill, clock() - t0
 
 
+class LlamaCpp:
+    """llama-cpp-python on a GGUF file, behind the prefill/decode half of the ChatBackend protocol."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def _logits(self) -> torch.Tensor:  # the last evaluated position's row (llama.cpp keeps only that one)
+        row = self._lib.llama_get_logits(self.llm.ctx)
+        return torch.from_numpy(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).copy())
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        self.llm.reset()  # the next eval drops the cached K/V past position 0
+        self.llm.eval(ids)
+        return self._logits()
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        self.llm.eval([token_id])
+        return self._logits()
+
+    def release(self) -> None:
+        self.llm.close()
+
+
+def llama_cpp_rows(args, model: Transformer, tok: Tokenizer | None, tmp: Path) -> list[tuple[str, Path, int]]:
+    """(row name, GGUF file, threads) for the llama.cpp rows, or [] with a note saying why there are none."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("no llama.cpp rows: llama_cpp is not importable (pip install -e '.[llama-cpp]'; it compiles llama.cpp)")
+        return []
+    if args.gguf:
+        path = Path(args.gguf)
+    elif tok is None:
+        print("no llama.cpp rows: the weights have no tokenizer to write a GGUF with (pass --checkpoint or --gguf)")
+        return []
+    else:
+        from builder.gguf import write_gguf
+
+        path = tmp / "model-f32.gguf"
+        write_gguf(model, tok, path, "f32")
+    return [(f"llama.cpp-fp32 ({t} thread{'s' * (t > 1)})", path, t) for t in ([args.threads] if args.threads else [1, 2])]
+
+
 def hf_model(model: Transformer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -123,6 +178,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16,int8")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows (slow to compile)")
     ap.add_argument("--onnx", default="dist/export", help="export folder for the onnx rows (skipped if missing)")
+    ap.add_argument("--gguf", default=None, help="GGUF file for the llama.cpp rows [default: the f32 GGUF of the "
+                    "same weights, written to a temporary folder]")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="time by the wall clock or by this process' CPU time (use with --threads 1)")
     args = ap.parse_args()
@@ -184,6 +241,12 @@ def main() -> None:
             rows.append((f"onnx-{dtype.replace('q8', 'int8')}", dtype, s, tokens, None, after))
     else:
         print(f"no ONNX rows: {args.onnx}/onnx/model.onnx not found (builder export --out {args.onnx})")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path, threads in llama_cpp_rows(args, model, tok, Path(tmp)):
+            backend = LlamaCpp(path, model.cfg.max_seq_len, threads)
+            s, tokens, after = timed(lambda: ours(backend, prompt, n, eos, clock), args.repeats)
+            rows.append((name, "fp32", s, tokens, None, after))
+            backend.release()
 
     print()
     print("| engine | weights | tok/s | ms/token | vs hf-generate | tokens equal to HF | decode tok/s after prefill |")

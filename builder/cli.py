@@ -11,6 +11,7 @@
     builder models ...            versioned registry and the champion
     builder base ...              import a pretrained Hugging Face model to build on
     builder export                HF folder + ONNX (KV cache) + int8/q4 + manifest, behind parity gates
+    builder gguf                  GGUF files (f32/f16/q8_0) + an Ollama Modelfile, for llama.cpp and Ollama
     builder card | site | docs    model card, the in-browser chat site, the mkdocs site
     builder release               all of the above, each stage cached by input hashes
 """
@@ -29,6 +30,7 @@ from builder.site_cmd import site
 from builder.tokenizer_cmd import tokenizer
 from builder.eval_cmd import eval_
 from builder.export_cmd import export
+from builder.gguf_cmd import gguf
 from builder.sft_cmd import sft
 from builder.sft_data_cmd import sft_data
 from builder.train_cmd import pretrain
@@ -65,6 +67,7 @@ main.add_command(models)
 main.add_command(base)
 main.add_command(site)
 main.add_command(export)
+main.add_command(gguf)
 main.add_command(card)
 main.add_command(docs)
 main.add_command(release)

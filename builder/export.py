@@ -14,6 +14,7 @@ Design choices (docs/pages/decisions.md and docs/pages/export.md give the reason
 - int8 is `quantize_dynamic(QInt8)` (MatMul/Gemm/Gather weights; in the contrib graph the embedding
   gathers rows of the lm_head's int8 table, see `_quantize_contrib_int8`), q4 is `MatMulNBitsQuantizer`
   (bits 4, block 32): the formats transformers.js loads as dtype "q8" and "q4".
+- `gguf=True` adds gguf/ (builder/gguf.py: llama.cpp / Ollama files) with a read-back gate; the site skips it.
 - Everything is written into a sibling `.partial` folder and renamed into place only after every gate
   passed (`builder/export_gates.py`), so a failed export never leaves a half-written folder behind.
 """
@@ -235,6 +236,21 @@ def write_hf_folder(model: Transformer, tokenizer: Tokenizer, out: Path) -> None
         shutil.copyfile(tokenizer.path / name, out / name)
 
 
+def gguf_gate(model: Transformer, tokenizer: Tokenizer, folder: Path) -> dict:
+    """Every GGUF file read back (gguf.GGUFReader): each weight as its dtype rounds ours, q/k un-permuted, and
+    the same pieces."""
+    from builder.export_gates import gate
+    from builder.gguf import DEFAULT_DTYPES, check_gguf, gguf_name
+
+    bar = "every tensor and piece equal (f16/q8_0: ours rounded alike)"
+    try:
+        for dtype in DEFAULT_DTYPES:
+            check_gguf(folder / gguf_name(dtype), model, tokenizer)
+        return gate("gguf read-back", True, "equal", bar)
+    except ValueError as exc:
+        return gate("gguf read-back", False, "differs", bar, detail=str(exc))
+
+
 def _version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -247,7 +263,7 @@ def _version(package: str) -> str:
 def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
                  index_path: str | Path | None = None, q4: bool = False, token_dir: str | Path | None = None,
                  version: str | None = None, metrics: dict | None = None, graph: str = "torch", native: bool = True,
-                 log=print) -> dict:
+                 gguf: bool = False, log=print) -> dict:
     """Write the export folder; returns its manifest. Raises `GateError` (nothing written) when a
     parity/quality gate fails."""
     from builder.export_gates import GateError, run_gates
@@ -279,10 +295,18 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
         stage("onnx int8 gqa", write_native_int8, model, partial / "onnx" / NATIVE_INT8)
     if q4:
         stage("onnx q4", quantize_q4, partial / "onnx" / "model.onnx", partial / "onnx" / "model_q4.onnx")
+    if gguf:  # llama.cpp / Ollama files; the site skips gguf/
+        from builder.gguf import DEFAULT_DTYPES, write_gguf_folder
+
+        name = f"supermix-{version}" if version else "supermix"
+        stage("gguf", write_gguf_folder, model, tokenizer, partial / "gguf", DEFAULT_DTYPES, name, GENERATION_DEFAULTS,
+              lambda _: None)
     if index_path is not None:
         stage("retrieval index", shutil.copytree, Path(index_path), partial / "index")
     t0 = time.perf_counter()
     gates, speed, quality = run_gates(model, tokenizer, partial, token_dir=token_dir, log=log)
+    if gguf:
+        gates.append(gguf_gate(model, tokenizer, partial / "gguf"))
     timings["gates"] = round(time.perf_counter() - t0, 2)
     manifest = {
         "format": EXPORT_FORMAT,

@@ -42,8 +42,10 @@ def gate_table(gates: list[dict]) -> str:
 @click.option("--native/--no-native", default=True, show_default=True,
               help="Also write onnx/model_gqa_quantized.onnx (contrib graph, int8), the fastest file for "
                    "onnxruntime (supermix --backend onnx --dtype int8).")
+@click.option("--gguf", is_flag=True, help="Also write gguf/ (f32, f16, q8_0 GGUF + an Ollama Modelfile, as "
+              "`builder gguf` does), gated by reading every file back; not copied to the site.")
 def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool, index_path: Path, no_index: bool,
-           data_dir: Path, root: Path, graph: str, native: bool) -> None:
+           data_dir: Path, root: Path, graph: str, native: bool, gguf: bool) -> None:
     """Export a model for transformers, transformers.js, onnxruntime and optimum, and check it.
 
     \b
@@ -52,6 +54,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
       onnx/model.onnx (fp32, KV cache), onnx/model_quantized.onnx (int8), onnx/model_q4.onnx (--q4),
       onnx/model_gqa_quantized.onnx (contrib-op graph, int8; --no-native skips it)
       index/ (the retrieval index, as the site serves it), manifest.json (files, sha256, gates, speed)
+      gguf/model-{f32,f16,q8_0}.gguf + gguf/Modelfile (--gguf: llama.cpp, Ollama)
     Gates: ONNX fp32 greedy == PyTorch; int8 bits/byte within 1% and <= 30% of the bytes; the HF folder
     loads in transformers with the same logits; optimum's ORTModelForCausalLM generates our tokens.
 
@@ -60,6 +63,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
       builder export                       # the champion -> dist/export
       builder export --model v2 --out /tmp/v2 --q4
       builder export --graph contrib       # the contrib graph under the standard names
+      builder export --gguf                # + GGUF files for llama.cpp / Ollama in dist/export/gguf
     """
     from builder.eval_cmd import registry_version
     from builder.export import export_model
@@ -86,7 +90,8 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
         if index is None and not no_index:
             click.echo(f"export: {index_path} not found, no retrieval index in the export (build it with `builder index build`)")
         manifest = export_model(pth, tok_dir, out_dir, index_path=index, q4=q4, token_dir=token_dir,
-                                version=version, metrics=metrics, graph=graph, native=native, log=click.echo)
+                                version=version, metrics=metrics, graph=graph, native=native, gguf=gguf,
+                                log=click.echo)
     except (GateError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(gate_table(manifest["gates"]))

@@ -36,6 +36,7 @@ ORT_FILES = ("ort-wasm-simd-threaded.asyncify.wasm", "ort-wasm-simd-threaded.asy
 SKIP_STATIC = {"node_modules", "package.json", "package-lock.json"}
 EXPORT_SKIP = {"model.safetensors", "tokenizer.model", "onnx/model_q4.onnx", "onnx/model_gqa_quantized.onnx",
                "README.md"}  # the gqa file prefills slower in onnxruntime-web than the portable one
+EXPORT_SKIP_DIRS = ("gguf/",)  # `builder export --gguf`: llama.cpp / Ollama files, no use to the browser
 # The weights a visitor gets unless they pick others (`?dtype=`): fp32, chosen in the browser by measurement
 # (docs/pages/decisions.md): it decodes as fast as the int8 file in onnxruntime-web and gives exactly the
 # `.pth`'s greedy tokens, where wasm's int8 kernels round differently from native onnxruntime's
@@ -145,7 +146,8 @@ def build_site(export_dir: Path, out_dir: Path, card: Path | None = None, web_st
         model_dir = partial / "models" / MODEL_ID
         for src in sorted(export_dir.rglob("*")):
             rel = src.relative_to(export_dir).as_posix()
-            if src.is_file() and rel not in EXPORT_SKIP and not src.name.startswith("."):
+            skip = rel in EXPORT_SKIP or rel.startswith(EXPORT_SKIP_DIRS) or src.name.startswith(".")
+            if src.is_file() and not skip:
                 sizes["index" if rel.startswith("index/") else "model"] += _copy(src, model_dir / rel)
         has_index = (model_dir / "index" / "meta.json").is_file()
         card_name = None

@@ -59,9 +59,9 @@ def tiny_base(tiny_workspace, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_base, tiny_workspace, tiny_index, tmp_path_factory) -> Path:
-    """`builder export` of the tiny model (HF folder, fp32/int8/q4 ONNX, browser index), gates passed."""
+    """`builder export --q4 --gguf` of the tiny model (HF folder, fp32/int8/q4 ONNX, GGUF, browser index), gates passed."""
     from builder.export import export_model
 
     out = tmp_path_factory.mktemp("export") / "tiny"
-    export_model(tiny_base, tiny_workspace["tokenizer"], out, index_path=tiny_index, q4=True, log=lambda _: None)
+    export_model(tiny_base, tiny_workspace["tokenizer"], out, index_path=tiny_index, q4=True, gguf=True, log=lambda _: None)
     return out

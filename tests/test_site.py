@@ -25,11 +25,12 @@ needs_npm = pytest.mark.skipif(not (REPO / "web_static/node_modules/@huggingface
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_base, tiny_workspace, tiny_index, tmp_path_factory) -> Path:
-    """The tiny model exported (ONNX fp32 + q8, browser index) through the real export path."""
+    """The tiny model exported (ONNX fp32 + q8, GGUF, browser index) through the real export path."""
     from builder.export import export_model
 
     out = tmp_path_factory.mktemp("export") / "export"
-    export_model(tiny_base, tiny_workspace["tokenizer"], out, index_path=tiny_index, version="tiny", log=lambda *_: None)
+    export_model(tiny_base, tiny_workspace["tokenizer"], out, index_path=tiny_index, version="tiny", gguf=True,
+                 log=lambda *_: None)
     return out
 
 
@@ -61,6 +62,7 @@ def test_site_layout(site, tiny_export):
               "model-card.md", "loss_curve.png"):
         assert (site / f).is_file(), f
     assert not (site / "models/supermix/model.safetensors").exists() and not (site / "node_modules").exists()
+    assert (tiny_export / "gguf/model-f32.gguf").is_file() and not (site / "models/supermix/gguf").exists()
     config = json.loads((site / "site.json").read_text())
     assert {k: config[k] for k in runtime_settings()} == runtime_settings()
     for page in ("index.html", "model.html", "about.html"):
