@@ -142,3 +142,40 @@ def test_large_weights_go_to_external_data_with_transformers_js_names(tmp_path):
     for name, tolerance in (("model.onnx", 1e-4), ("model_quantized.onnx", 0.1)):
         got = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0][0]
         assert np.abs(got - want).max() < tolerance * max(1.0, np.abs(want).max()), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+def test_site_of_the_export_replies_with_onnx_backend_tokens_in_chromium(name, exported, tmp_path):
+    """`builder site` on the export, in headless Chromium: the page renders the model's own chat template (sources
+    folded into the question) and its greedy reply equals runtime_python's on the same ONNX file and index."""
+    from test_site import CHROMIUM, FLAGS, LOAD_S, _reference, _wait, needs_npm, serve
+
+    from builder.site import build_site
+
+    if needs_npm.args[0] or not CHROMIUM.exists():
+        pytest.skip("needs web_static/node_modules and Debian chromium")
+    root, _, _ = exported[name]
+    export = root / f"export-{name}"
+    build_site(export, tmp_path / "site")
+    site = json.loads((tmp_path / "site" / "site.json").read_text())
+    assert site["chat"]["fold_context"] and "<|im_end|>" in site["end_tokens"]
+    from playwright.sync_api import sync_playwright
+
+    with serve(tmp_path / "site") as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        page = browser.new_page()
+        page.route("**/*", lambda r: r.continue_() if r.request.url.startswith((base, "data:", "blob:")) else r.abort())
+        page.goto(base + "?temperature=0&max_new_tokens=24")
+        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)", LOAD_S)
+        assert page.evaluate("window.supermix.errors") == []
+        page.fill("#prompt", "What is a closure?")
+        page.click("#send")
+        _wait(page, "window.supermix.replies.length >= 1 || window.supermix.errors.length")
+        got = page.evaluate("window.supermix.replies[0]")
+        browser.close()
+    want = _reference(export, [{"role": "user", "content": "What is a closure?"}], 24)
+    assert want["sources"] and len(want["token_ids"]) >= 3, want
+    assert got["token_ids"] == want["token_ids"] and got["text"] == want["text"]
+    assert [s["id"] for s in got["sources"]] == want["sources"]
+    assert (got["prompt_tokens"], got["finish_reason"]) == (want["prompt_tokens"], want["finish_reason"])
