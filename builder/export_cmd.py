@@ -57,6 +57,8 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
       gguf/model-{f32,f16,q8_0}.gguf + gguf/Modelfile (--gguf: llama.cpp, Ollama)
     Gates: ONNX fp32 greedy == PyTorch; int8 bits/byte within 1% and <= 30% of the bytes; the HF folder
     loads in transformers with the same logits; optimum's ORTModelForCausalLM generates our tokens.
+    A version fine-tuned from an imported base (`builder sft --base`) keeps the base's architecture,
+    tokenizer.json and chat template (docs/pages/own-base.md); --gguf does not take it yet.
 
     \b
     Examples:
