@@ -40,7 +40,7 @@ from torch import nn
 from source.config import config_dict
 from builder.export_hf import GENERATION_DEFAULTS, package_version, write_hf_folder
 from source.files import replace_dir, sha256_file
-from source.hf_tokenizer import HFTokenizer, load_tokenizer
+from source.hf_tokenizer import load_tokenizer
 from source.model import Transformer, apply_rope, rope_inv_freq
 from source.tokenizer import Tokenizer
 
@@ -258,7 +258,7 @@ def quantize_q4(src: Path, dst: Path, external: bool = False) -> None:
     save_onnx(quantizer.model.model, dst, external=True)
 
 
-def gguf_gate(model: Transformer, tokenizer: Tokenizer, folder: Path) -> dict:
+def gguf_gate(model: Transformer, tokenizer, folder: Path) -> dict:
     """Every GGUF file read back (gguf.GGUFReader): each weight as its dtype rounds ours, q/k un-permuted, and
     the same pieces."""
     from builder.export_gates import gate
@@ -288,9 +288,6 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "onnx").mkdir(parents=True)
     tokenizer = load_tokenizer(tokenizer_dir)
-    if gguf and isinstance(tokenizer, HFTokenizer):
-        raise ValueError(f"{tokenizer_dir}: GGUF files of a version fine-tuned from an imported base are not written "
-                         "yet (they need the base's byte-level BPE vocabulary in GGUF); export without --gguf")
     model, ckpt = load_model(model_path, "cpu")
     if ckpt["tokenizer"] != tokenizer.sha256:
         raise ValueError(f"{model_path} was trained with tokenizer {ckpt['tokenizer'][:12]}..., "

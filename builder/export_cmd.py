@@ -58,7 +58,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
     Gates: ONNX fp32 greedy == PyTorch; int8 bits/byte within 1% and <= 30% of the bytes; the HF folder
     loads in transformers with the same logits; optimum's ORTModelForCausalLM generates our tokens.
     A version fine-tuned from an imported base (`builder sft --base`) keeps the base's architecture,
-    tokenizer.json and chat template (docs/pages/own-base.md); --gguf does not take it yet.
+    tokenizer.json and chat template (docs/pages/own-base.md).
 
     \b
     Examples:

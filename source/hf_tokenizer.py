@@ -196,6 +196,7 @@ class HFTokenizer:
                           if self.chat_template is not None else None)
         self.native_context = self.chat_template == CHAT_TEMPLATE  # ours lays out "context" turns itself
         self._table, self._byte_ids, self.dummy_prefix = self._byte_table(spec)
+        self.byte_level = self._byte_level  # GPT-2 byte-level pieces (else SentencePiece-style ones)
         self.fffd_per_byte = not self._byte_level
 
     @classmethod

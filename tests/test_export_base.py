@@ -1,7 +1,7 @@
 """`builder export` of a version fine-tuned from an imported Hugging Face base: import -> sft --lora -> export, every
-gate on the exported folder (transformers logits and greedy tokens, its chat template, ONNX vs torch, int8), the
-base's architecture and tokenizer kept, and `supermix ask --backend onnx` on the export answering with the `.pth`'s
-greedy tokens. Tiny random Llama (untied, head_dim 64 != hidden/heads, linear rope scaling) and Qwen2 (tied, q/k/v
+gate on the exported folder (transformers logits and greedy tokens, its chat template, ONNX vs torch, int8, GGUF
+read-back), the base's architecture and tokenizer kept, `supermix ask --backend onnx` on the export answering with
+the `.pth`'s greedy tokens, and the site built from it replying the same in Chromium. Tiny random Llama (untied, head_dim 64 != hidden/heads, linear rope scaling) and Qwen2 (tied, q/k/v
 biases) folders with a byte-level BPE tokenizer and a ChatML template (tests/hf_folders.py)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def exported(tmp_path_factory, tiny_index):
         assert result.exit_code == 0, result.output
         vid = json.loads((models / "registry.json").read_text())["versions"][-1]["id"]
         result = CliRunner().invoke(builder, ["export", "--model", vid, "--root", str(models), "--out",
-                                              str(root / f"export-{name}"), "--q4", "--index", str(tiny_index),
+                                              str(root / f"export-{name}"), "--q4", "--gguf", "--index", str(tiny_index),
                                               "--data", str(root / "no-corpus")])
         assert result.exit_code == 0, result.output
         assert "PASS" in result.output and "FAIL" not in result.output
@@ -84,13 +84,19 @@ def test_export_keeps_the_base_architecture_and_tokenizer_and_passes_every_gate(
     required = [g for g in manifest["gates"] if g["required"]]
     names = " | ".join(g["name"] for g in required)
     for expected in ("ONNX fp32 greedy", "q8 bits/byte", "q8 size", "q8-gqa bits/byte", "HF AutoModelForCausalLM "
-                     "logits", "HF greedy", "HF AutoTokenizer chat template == ours"):
+                     "logits", "HF greedy", "HF AutoTokenizer chat template == ours", "gguf read-back"):
         assert expected in names, expected
     assert all(g["passed"] for g in required), manifest["gates"]
     optimum = next(g for g in manifest["gates"] if g["name"].startswith("optimum"))
     # optimum-onnx sizes the cache from hidden_size / heads: it runs the Qwen2 export, not a head_dim-64 Llama
     assert optimum["passed"] is (None if name == "llama" else True), optimum
     assert (folder / "onnx" / "model_q4.onnx").is_file() and (folder / "index" / "meta.json").is_file()
+    assert (folder / "gguf" / "model-q8_0.gguf").is_file() and 'stop "<|im_end|>"' in (folder / "gguf" / "Modelfile").read_text()
+    # `builder gguf` on the version writes the same kind of files on its own
+    result = CliRunner().invoke(builder, ["gguf", "--model", vid, "--root", str(root / "models"), "--out",
+                                          str(root / f"gguf-{name}"), "--dtype", "f32"])
+    assert result.exit_code == 0, result.output
+    assert (root / f"gguf-{name}" / "model-f32.gguf").is_file()
 
 
 @pytest.mark.slow
