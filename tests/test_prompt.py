@@ -351,3 +351,23 @@ def test_prompt_js_builds_python_prompts_with_a_model_own_template(tmp_path):
                      case["max_new_tokens"], case["max_seq_len"])[2]
         rounds += len(first) > limit  # the template cost more than the count: a second round was needed
     assert refused >= 1 and rounds >= 2 and len(cases) - refused >= 40, (refused, rounds)
+
+
+def test_a_model_template_prompt_fits_when_its_count_is_well_under_the_budget(tmp_path):
+    """ChatML costs ~5 tokens a message where the count says 2: a layout counted 172 for a budget of 192 encodes
+    to 194. The next round must budget from the count (172 - 2), not from the budget (190, the same layout)."""
+    from hf_folders import byte_level_tokenizer
+
+    from source.evaluate import SAMPLE_PROMPTS
+    from source.hf_tokenizer import HFTokenizer
+    from source.prompt import _fit, split_messages
+
+    tok = HFTokenizer.load(byte_level_tokenizer(tmp_path / "tok"))
+    passage = {"id": "a", "title": "json.dumps", "text": "json.dumps(obj) serializes obj to a JSON formatted str."}
+    redone = 0
+    for question in SAMPLE_PROMPTS:
+        messages = [{"role": "user", "content": question}]
+        p = build_prompt(tok, messages, [passage], DEFAULT_SYSTEM_PROMPT, 64, 256)
+        assert len(p.ids) <= 192 and p.ids == tok.encode_chat(p.messages)[0]
+        redone += len(_fit(tok, *split_messages(messages, DEFAULT_SYSTEM_PROMPT), [passage], 192, 64, 256)[2]) > 192
+    assert redone >= 2

@@ -133,8 +133,8 @@ const FIT_ROUNDS = 3;  // source.prompt.FIT_ROUNDS
  * source.prompt.build_prompt: {ids, messages, passages, question} within the token budget.
  * `tok`: {encode(text) -> ids without BOS, encodeChat(messages) -> ids with the generation prompt}
  * (chatTokenizer). `minPassageChars` is source.prompt.MIN_PASSAGE_CHARS (site.json carries it).
- * A model's own template costs more than the per-message count: then the budget shrinks by the
- * excess and the layout is redone, as in Python (ours always fits in the first round).
+ * A model's own template costs more than the per-message count: then the next budget is that
+ * layout's count less the excess and the layout is redone, as in Python (ours always fits at once).
  */
 export function buildPrompt(tok, messages, passages, systemPrompt, maxNewTokens, maxSeqLen, minPassageChars) {
   const [system, history, question] = splitMessages(messages, systemPrompt);
@@ -144,12 +144,12 @@ export function buildPrompt(tok, messages, passages, systemPrompt, maxNewTokens,
     const fitted = fit(tok, system, history, question, passages, budget, maxNewTokens, maxSeqLen, minPassageChars);
     ids = fitted.ids;
     if (ids.length <= limit) return { ids, messages: fitted.messages, passages: fitted.passages, question };
-    budget -= ids.length - limit;
+    budget = Math.min(budget, fitted.total) - (ids.length - limit);
   }
   throw new Error(`prompt of ${ids.length} tokens exceeds the budget of ${limit}`);
 }
 
-/** source.prompt._fit: the layout that takes at most `limit` tokens by the per-message count. */
+/** source.prompt._fit: the layout that takes at most `limit` tokens by the per-message count (`total`). */
 function fit(tok, system, history, user, passages, limit, maxNewTokens, maxSeqLen, minPassageChars) {
   const cost = (content) => tok.encode(content).length + 2;  // <|role|> content <|end|>
   const fixed = 2 + cost(system) + cost("");
@@ -181,7 +181,7 @@ function fit(tok, system, history, user, passages, limit, maxNewTokens, maxSeqLe
   if (total > limit) user = keepEnd(tok, user, limit - (total - userCost));  // 3. the end of the question
   const kept = toChatMessages([{ role: "system", content: system }, ...history.slice(start),
                                { role: "user", content: user }], ctx);
-  return { ids: tok.encodeChat(kept), messages: kept, passages: ctx };
+  return { ids: tok.encodeChat(kept), messages: kept, passages: ctx, total };
 }
 
 /** source.prompt._keep_end: the longest suffix that encodes to at most `room` tokens. */
