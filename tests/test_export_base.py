@@ -179,6 +179,14 @@ def test_site_of_the_export_replies_with_onnx_backend_tokens_in_chromium(name, e
         page.click("#send")
         _wait(page, "window.supermix.replies.length >= 1 || window.supermix.errors.length")
         got = page.evaluate("window.supermix.replies[0]")
+        # the int8 file loads and answers too (wasm's int8 kernels round unlike native onnxruntime's: not compared)
+        page.goto(base + "?temperature=0&max_new_tokens=8&dtype=q8")
+        _wait(page, "window.supermix && (window.supermix.ready || window.supermix.errors.length)", LOAD_S)
+        page.fill("#prompt", "What is a closure?")
+        page.click("#send")
+        _wait(page, "window.supermix.replies.length >= 1 || window.supermix.errors.length")
+        assert page.evaluate("[window.supermix.errors, window.supermix.dtype]") == [[], "q8"]
+        assert page.evaluate("window.supermix.replies[0].completion_tokens") > 0
         browser.close()
     want = _reference(export, [{"role": "user", "content": "What is a closure?"}], 24)
     assert want["sources"] and len(want["token_ids"]) >= 3, want
