@@ -15,6 +15,13 @@ Design choices (docs/pages/decisions.md and docs/pages/export.md give the reason
   gathers rows of the lm_head's int8 table, see `_quantize_contrib_int8`), q4 is `MatMulNBitsQuantizer`
   (bits 4, block 32): the formats transformers.js loads as dtype "q8" and "q4".
 - `gguf=True` adds gguf/ (builder/gguf.py: llama.cpp / Ollama files) with a read-back gate; the site skips it.
+- A version fine-tuned from an imported base (its tokenizer folder holds the base's tokenizer.json, not our
+  tokenizer.model) exports through the same path: config.json keeps the base's architecture (`hf_config_dict`:
+  llama or qwen2, head_dim, biases, rope scaling, tied or not), the base's tokenizer files are copied with the
+  chat template put into tokenizer_config.json (where transformers.js reads it; transformers reads it there
+  too), the gates take the `ChatTokenizer` protocol, and the end-of-reply ids are the runtime's.
+- An ONNX file whose weights pass EXTERNAL_DATA_BYTES keeps them in `<file>_data` beside it (protobuf stops
+  at 2 GiB), the name transformers.js loads when config.json's `transformers.js_config` lists the file.
 - Everything is written into a sibling `.partial` folder and renamed into place only after every gate
   passed (`builder/export_gates.py`), so a failed export never leaves a half-written folder behind.
 """
@@ -31,15 +38,15 @@ import torch
 from torch import nn
 
 from source.config import config_dict
+from builder.export_hf import GENERATION_DEFAULTS, package_version, write_hf_folder
 from source.files import replace_dir, sha256_file
-from source.model import Transformer, apply_rope, hf_config_dict, hf_state_dict, rope_inv_freq
+from source.hf_tokenizer import load_tokenizer
+from source.model import Transformer, apply_rope, rope_inv_freq
 from source.tokenizer import Tokenizer
 
 ONNX_OPSET = 18
+EXTERNAL_DATA_BYTES = 1_800_000_000  # weights above this go to <file>_data (protobuf's limit is 2 GiB)
 EXPORT_FORMAT = "supermix-export-v1"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# what the runtime and the site start from; a chat model this small rambles when sampled hot
-GENERATION_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256, "repetition_penalty": 1.0}
 
 
 class OnnxForward(nn.Module):
@@ -102,9 +109,14 @@ GRAPHS = ("torch", "contrib")
 NATIVE_INT8 = "model_gqa_quantized.onnx"  # contrib graph, int8: onnxruntime's fastest file at batch 1
 
 
-def export_onnx(model: Transformer, path: Path, graph: str = "torch") -> None:
+def external_data(model: Transformer, bytes_per_param: float = 4.0) -> bool:
+    """Whether a file of the model's weights at `bytes_per_param` must keep them outside the protobuf."""
+    return model.num_params() * bytes_per_param > EXTERNAL_DATA_BYTES
+
+
+def export_onnx(model: Transformer, path: Path, graph: str = "torch", external: bool = False) -> None:
     """fp32 ONNX with dynamic batch, sequence and past length: `OnnxForward` through
-    `torch.onnx.export(dynamo=True)`, or the contrib-op graph."""
+    `torch.onnx.export(dynamo=True)`, or the contrib-op graph. `external`: weights in `<file>_data`."""
     import warnings
 
     if graph not in GRAPHS:
@@ -138,24 +150,42 @@ def export_onnx(model: Transformer, path: Path, graph: str = "torch") -> None:
         program = torch.onnx.export(wrapper, (ids, mask, positions, *past), dynamic_shapes=shapes,
                                     input_names=inputs, output_names=outputs, opset_version=ONNX_OPSET,
                                     dynamo=True, external_data=False, verbose=False)
-    program.save(str(path))
-    _strip_debug_metadata(path)
+    if not external:
+        program.save(str(path))
+        _strip_debug_metadata(path, path)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # torch names its data file otherwise
+        program.save(str(Path(tmp) / path.name), external_data=True)
+        _strip_debug_metadata(Path(tmp) / path.name, path, external=True)
 
 
-def _strip_debug_metadata(path: Path) -> None:
+def _strip_debug_metadata(src: Path, dst: Path, external: bool = False) -> None:
     """Drop dynamo's per-node debug strings (stack traces, FX node text): ~100 KB on the tiny model, a
     third of its int8 file, and nothing a runtime reads."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(src))
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
-    onnx.save(model, str(path))
+    save_onnx(model, dst, external)
 
 
-def quantize_int8(src: Path, dst: Path, graph: str = "torch") -> None:
-    """Dynamic int8 of an fp32 file that `export_onnx(..., graph)` wrote."""
+def save_onnx(model, path: Path, external: bool) -> None:
+    """onnx.save, the weights in `<file>_data` (transformers.js's name for a file's external data) if `external`."""
+    import onnx
+
+    if external:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{path.name}_data", size_threshold=1024)
+    else:
+        onnx.save(model, str(path))
+
+
+def quantize_int8(src: Path, dst: Path, graph: str = "torch", external: bool = False) -> None:
+    """Dynamic int8 of an fp32 file that `export_onnx(..., graph)` wrote (`external`: weights in `<file>_data`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if graph == "contrib":
@@ -163,7 +193,14 @@ def quantize_int8(src: Path, dst: Path, graph: str = "torch") -> None:
         return
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
-                     op_types_to_quantize=["MatMul", "Gemm", "Gather"], extra_options={"MatMulConstBOnly": True})
+                     op_types_to_quantize=["MatMul", "Gemm", "Gather"], extra_options={"MatMulConstBOnly": True},
+                     use_external_data_format=external)
+    if external:  # onnxruntime names the data file after the model's file name + ".data"
+        import onnx
+
+        save_onnx(onnx.load(str(dst)), dst, external=True)
+        for stray in dst.parent.glob(f"{dst.name}.data"):
+            stray.unlink()
 
 
 def _quantize_contrib_int8(src: Path, dst: Path) -> None:
@@ -175,8 +212,10 @@ def _quantize_contrib_int8(src: Path, dst: Path) -> None:
     from onnx import TensorProto, helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    untied = any(i.name == "embed" for i in onnx.load(str(src), load_external_data=False).graph.initializer)
+    # an untied embedding is its own table: int8 like the torch graph's (Gather + DequantizeLinear)
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
-                     op_types_to_quantize=["MatMul"],
+                     op_types_to_quantize=["MatMul", "Gather"] if untied else ["MatMul"],
                      extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
     model = onnx.load(str(dst))
     quantized = any(i.name == "lm_head_t_quantized" for i in model.graph.initializer)
@@ -205,38 +244,21 @@ def write_native_int8(model: Transformer, dst: Path) -> None:
         quantize_int8(Path(tmp) / "model.onnx", dst, "contrib")
 
 
-def quantize_q4(src: Path, dst: Path) -> None:
+def quantize_q4(src: Path, dst: Path, external: bool = False) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True,
                                      accuracy_level=4, op_types_to_quantize=("MatMul",))
     quantizer.process()
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    if not external:
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+        return
+    quantizer.model.topological_sort()  # as save_model_to_file does, but with transformers.js's data file name
+    save_onnx(quantizer.model.model, dst, external=True)
 
 
-def write_hf_folder(model: Transformer, tokenizer: Tokenizer, out: Path) -> None:
-    """config.json, generation_config.json, model.safetensors and the tokenizer files."""
-    from safetensors.torch import save_file
-
-    config = hf_config_dict(model.cfg, tokenizer.bos_id, tokenizer.eos_id)
-    config["transformers_version"] = _version("transformers")
-    end_id = tokenizer.special_ids["end"]
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": [tokenizer.eos_id, end_id],
-                  "pad_token_id": tokenizer.eos_id, "do_sample": True,
-                  **{k: v for k, v in GENERATION_DEFAULTS.items() if k != "repetition_penalty"}}
-    state = hf_state_dict(model)
-    if model.cfg.tie_embeddings:  # stored once; HF re-ties lm_head from tie_word_embeddings
-        state.pop("lm_head.weight")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer.path / name, out / name)
-
-
-def gguf_gate(model: Transformer, tokenizer: Tokenizer, folder: Path) -> dict:
+def gguf_gate(model: Transformer, tokenizer, folder: Path) -> dict:
     """Every GGUF file read back (gguf.GGUFReader): each weight as its dtype rounds ours, q/k un-permuted, and
     the same pieces."""
     from builder.export_gates import gate
@@ -249,15 +271,6 @@ def gguf_gate(model: Transformer, tokenizer: Tokenizer, folder: Path) -> dict:
         return gate("gguf read-back", True, "equal", bar)
     except ValueError as exc:
         return gate("gguf read-back", False, "differs", bar, detail=str(exc))
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
@@ -274,7 +287,7 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "onnx").mkdir(parents=True)
-    tokenizer = Tokenizer.load(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     model, ckpt = load_model(model_path, "cpu")
     if ckpt["tokenizer"] != tokenizer.sha256:
         raise ValueError(f"{model_path} was trained with tokenizer {ckpt['tokenizer'][:12]}..., "
@@ -288,13 +301,19 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
         fn(*args)
         timings[name] = round(time.perf_counter() - t0, 2)
 
+    big = external_data(model)  # the contrib graph is built as one protobuf: not for weights this large
+    if big and graph == "contrib":
+        raise ValueError(f"{model_path}: {model.num_params():,} parameters are too many for the contrib graph (one "
+                         "protobuf, 2 GiB at most); export with --graph torch")
+    onnx_dir = partial / "onnx"
     stage("hf folder", write_hf_folder, model, tokenizer, partial)
-    stage("onnx fp32", export_onnx, model, partial / "onnx" / "model.onnx", graph)
-    stage("onnx int8", quantize_int8, partial / "onnx" / "model.onnx", partial / "onnx" / "model_quantized.onnx", graph)
-    if native and graph == "torch" and fits(model.cfg):  # GroupQueryAttention takes the shape
-        stage("onnx int8 gqa", write_native_int8, model, partial / "onnx" / NATIVE_INT8)
+    stage("onnx fp32", export_onnx, model, onnx_dir / "model.onnx", graph, big)
+    stage("onnx int8", quantize_int8, onnx_dir / "model.onnx", onnx_dir / "model_quantized.onnx", graph,
+          external_data(model, 1.0))
+    if native and graph == "torch" and fits(model.cfg) and not big:  # GroupQueryAttention takes the shape
+        stage("onnx int8 gqa", write_native_int8, model, onnx_dir / NATIVE_INT8)
     if q4:
-        stage("onnx q4", quantize_q4, partial / "onnx" / "model.onnx", partial / "onnx" / "model_q4.onnx")
+        stage("onnx q4", quantize_q4, onnx_dir / "model.onnx", onnx_dir / "model_q4.onnx", external_data(model, 0.6))
     if gguf:  # llama.cpp / Ollama files; the site skips gguf/
         from builder.gguf import DEFAULT_DTYPES, write_gguf_folder
 
@@ -317,9 +336,10 @@ def export_model(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str
         "onnx_graph": graph,
         "params": model.num_params(),
         "tokenizer_sha256": tokenizer.sha256,
+        "tokenizer": "sentencepiece" if isinstance(tokenizer, Tokenizer) else "hf",
         "metrics": metrics or {},
         "generation": GENERATION_DEFAULTS,
-        "versions": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "transformers")},
+        "versions": {p: package_version(p) for p in ("torch", "onnx", "onnxruntime", "transformers")},
         "timings_s": timings,
         "gates": gates,
         "speed": speed,

@@ -57,6 +57,8 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
       gguf/model-{f32,f16,q8_0}.gguf + gguf/Modelfile (--gguf: llama.cpp, Ollama)
     Gates: ONNX fp32 greedy == PyTorch; int8 bits/byte within 1% and <= 30% of the bytes; the HF folder
     loads in transformers with the same logits; optimum's ORTModelForCausalLM generates our tokens.
+    A version fine-tuned from an imported base (`builder sft --base`) keeps the base's architecture,
+    tokenizer.json and chat template (docs/pages/own-base.md).
 
     \b
     Examples:
@@ -71,7 +73,7 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
     from runtime_python.backends import resolve_model
     from source.registry import Registry
     from source.token_data import default_token_dir
-    from source.tokenizer import Tokenizer
+    from source.hf_tokenizer import load_tokenizer
 
     try:
         if tokenizer_dir is not None and Path(model_spec).exists():  # an explicit pair needs no registry
@@ -80,12 +82,9 @@ def export(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, q4: bool,
         else:
             pth, version_tok = resolve_model(model_spec, root)
             tok_dir = tokenizer_dir or version_tok
-        if not (tok_dir / "tokenizer.model").is_file() and (tok_dir / "tokenizer.json").is_file():
-            raise ValueError(f"{pth}: a version fine-tuned from an imported Hugging Face base (tokenizer.json in "
-                             f"{tok_dir}) cannot be exported yet; supermix chat|ask|serve run it as it is")
         version = registry_version(pth, root)
         metrics = Registry(root).get(version).metrics if version else {}
-        token_dir = default_token_dir(data_dir, Tokenizer.load(tok_dir))
+        token_dir = default_token_dir(data_dir, load_tokenizer(tok_dir))
         index = None if no_index or not (index_path / "meta.json").is_file() else index_path
         if index is None and not no_index:
             click.echo(f"export: {index_path} not found, no retrieval index in the export (build it with `builder index build`)")

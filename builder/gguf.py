@@ -27,6 +27,12 @@ Design choices (docs/pages/export.md and docs/pages/decisions.md give the reason
 - The Ollama Modelfile uses Go template syntax: Ollama adds <s> itself (add_bos), so the template starts at
   the system turn; SYSTEM carries our default system prompt. Go templates have no string replace, so
   Ollama does not defuse special-token spellings.
+- A version fine-tuned from an imported base keeps its architecture and tokenizer: general.architecture "qwen2"
+  for a Qwen2 model (q/k/v biases; llama.cpp's qwen2 graph rotates halves, as HF does, so q/k are not permuted),
+  "llama" otherwise (biases permuted like their rows), `output.weight` when the head is untied, rope scaling
+  "linear" as its type and factor, "llama3" as the per-frequency `rope_freqs` tensor llama.cpp's converter
+  writes; the byte-level BPE tokenizer and the model's own chat template as builder/gguf_bpe.py writes them.
+  Its Modelfile has no TEMPLATE (Ollama takes the GGUF's chat template) and stops at its special tokens.
 - Atomic: the files go to a sibling `.partial` folder renamed into place at the end (`export_gguf`), or
   into the caller's partial folder (`builder export --gguf`).
 """
@@ -40,9 +46,10 @@ import numpy as np
 import torch
 
 from source.files import replace_dir
-from source.model import Transformer, hf_state_dict
+from source.hf_tokenizer import HFTokenizer, load_tokenizer
+from source.model import Transformer, hf_state_dict, rope_inv_freq
 from source.sft_data import DEFAULT_SYSTEM_PROMPT
-from source.tokenizer import CHAT_ROLES, SPECIAL_TOKENS, Tokenizer
+from source.tokenizer import CHAT_ROLES, SPECIAL_TOKENS, ChatTokenizer, Tokenizer
 
 DTYPES = ("f32", "f16", "q8_0")
 DEFAULT_DTYPES = DTYPES
@@ -68,25 +75,38 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_arch(cfg) -> str:
+    """llama.cpp's architecture: "qwen2" for q/k/v biases without an o_proj bias (as `hf_config_dict`), else llama."""
+    if cfg.mlp_bias:
+        raise ValueError("GGUF export does not take MLP biases (llama.cpp's llama graph has none)")
+    return "qwen2" if cfg.qkv_bias and not cfg.o_bias else "llama"
+
+
 def gguf_tensors(model: Transformer) -> dict[str, tuple[np.ndarray, str]]:
     """GGUF tensor name -> (fp32 array in llama.cpp's layout, HF name), tied lm_head left out."""
     import gguf
 
     cfg = model.cfg
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
+    arch = gguf_arch(cfg)
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA, cfg.n_layers)
     out = {}
     for hf_name, t in hf_state_dict(model).items():
         if hf_name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # llama.cpp uses token_embd when output.weight is absent
         w = t.detach().to(torch.float32).cpu().numpy()
-        if hf_name.endswith("q_proj.weight"):
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             w = permute_qk(w, cfg.n_heads)
-        elif hf_name.endswith("k_proj.weight"):
+        elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             w = permute_qk(w, cfg.n_kv_heads)
-        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ValueError(f"{hf_name}: no GGUF tensor name for it in gguf's llama map")
+            raise ValueError(f"{hf_name}: no GGUF tensor name for it in gguf's {arch} map")
         out[name] = (np.ascontiguousarray(w), hf_name)
+    if cfg.rope_scaling == "llama3":  # llama.cpp divides each frequency by its factor
+        from dataclasses import replace
+
+        factors = rope_inv_freq(replace(cfg, rope_scaling="none")) / rope_inv_freq(cfg)
+        out["rope_freqs.weight"] = (factors.to(torch.float32).numpy(), "rope_scaling (llama3)")
     return out
 
 
@@ -159,20 +179,17 @@ def token_types(tokenizer: Tokenizer) -> list[int]:
 # -----------------------------------------------------------------------------
 # files
 
-def write_gguf(model: Transformer, tokenizer: Tokenizer, path: Path, dtype: str = "f32", name: str = "supermix",
+def write_gguf(model: Transformer, tokenizer: ChatTokenizer, path: Path, dtype: str = "f32", name: str = "supermix",
                generation: dict | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> None:
     """One GGUF file: hyper-parameters, tokenizer, chat template, sampling defaults, weights as `dtype`."""
     import gguf
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not isinstance(tokenizer, Tokenizer):
-        raise ValueError("GGUF export needs our SentencePiece tokenizer (tokenizer.model); an imported base's "
-                         "tokenizer.json is not supported yet")
-    cfg, sp = model.cfg, tokenizer.sp
-    if tokenizer.vocab_size != cfg.vocab_size:
+    cfg = model.cfg
+    if isinstance(tokenizer, Tokenizer) and tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, the model's vocab_size is {cfg.vocab_size}")
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    w = gguf.GGUFWriter(str(path), gguf_arch(cfg))
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     w.add_name(name)
@@ -191,6 +208,32 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, path: Path, dtype: str 
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.rope_scaling == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_factor)
+    if isinstance(tokenizer, HFTokenizer):
+        from builder.gguf_bpe import add_bpe_tokenizer
+
+        add_bpe_tokenizer(w, tokenizer, cfg.vocab_size)
+    else:
+        _add_sentencepiece(w, tokenizer, system_prompt)
+    if generation:
+        w.add_sampling_temp(float(generation["temperature"]))
+        w.add_sampling_top_p(float(generation["top_p"]))
+    for tname, (arr, _) in gguf_tensors(model).items():
+        data, raw = _encode_tensor(arr, dtype)
+        w.add_tensor(tname, data, raw_dtype=raw)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+
+
+def _add_sentencepiece(w, tokenizer: Tokenizer, system_prompt: str) -> None:
+    """Our tokenizer as llama.cpp's "llama" (SentencePiece) model, and our chat template."""
+    sp = tokenizer.sp
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list([sp.id_to_piece(i).encode("utf-8") for i in range(tokenizer.vocab_size)])
@@ -206,23 +249,12 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, path: Path, dtype: str 
     w.add_add_space_prefix(True)
     w.add_remove_extra_whitespaces(False)
     w.add_chat_template(chat_template(system_prompt))
-    if generation:
-        w.add_sampling_temp(float(generation["temperature"]))
-        w.add_sampling_top_p(float(generation["top_p"]))
-    for tname, (arr, _) in gguf_tensors(model).items():
-        data, raw = _encode_tensor(arr, dtype)
-        w.add_tensor(tname, data, raw_dtype=raw)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
 
 
 def modelfile(weights: str = MODELFILE_WEIGHTS, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-              generation: dict | None = None, num_ctx: int = 1024) -> str:
-    """An Ollama Modelfile beside the GGUF files: `ollama create supermix -f Modelfile`."""
+              generation: dict | None = None, num_ctx: int = 1024, stops: list[str] | None = None) -> str:
+    """An Ollama Modelfile beside the GGUF files: `ollama create supermix -f Modelfile`. `stops`: a base's end
+    tokens; then no TEMPLATE (Ollama takes the GGUF's own chat template)."""
     template = ('{{- if .System }}<|system|>{{ .System }}<|end|>{{ end }}\n'
                 '{{- range .Messages }}\n'
                 '{{- if eq .Role "user" }}<|user|>{{ .Content }}<|end|>\n'
@@ -230,9 +262,10 @@ def modelfile(weights: str = MODELFILE_WEIGHTS, system_prompt: str = DEFAULT_SYS
                 '{{- else if eq .Role "context" }}<|context|>{{ .Content }}<|end|>\n'
                 '{{- end }}\n'
                 '{{- end }}<|assistant|>')
-    lines = [f"FROM ./{weights}", "", f'TEMPLATE """{template}"""', "",
+    lines = [f"FROM ./{weights}", "", *([] if stops else [f'TEMPLATE """{template}"""', ""]),
              f'SYSTEM """{system_prompt}"""', ""]
-    lines += [f'PARAMETER stop "{t}"' for t in ("<|end|>", "</s>", "<|user|>", "<|system|>", "<|context|>")]
+    stops = stops or ["<|end|>", "</s>", "<|user|>", "<|system|>", "<|context|>"]
+    lines += [f'PARAMETER stop "{t}"' for t in stops]
     gen = generation or {}
     if "temperature" in gen:
         lines.append(f"PARAMETER temperature {gen['temperature']}")
@@ -242,7 +275,7 @@ def modelfile(weights: str = MODELFILE_WEIGHTS, system_prompt: str = DEFAULT_SYS
     return "\n".join(lines) + "\n"
 
 
-def write_gguf_folder(model: Transformer, tokenizer: Tokenizer, out: Path, dtypes: tuple[str, ...] = DEFAULT_DTYPES,
+def write_gguf_folder(model: Transformer, tokenizer: ChatTokenizer, out: Path, dtypes: tuple[str, ...] = DEFAULT_DTYPES,
                       name: str = "supermix", generation: dict | None = None, log=print) -> list[Path]:
     """The GGUF files and the Modelfile into `out` (a folder the caller makes visible atomically)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -252,8 +285,13 @@ def write_gguf_folder(model: Transformer, tokenizer: Tokenizer, out: Path, dtype
         write_gguf(model, tokenizer, out / gguf_name(dtype), dtype, name=name, generation=generation)
         written.append(out / gguf_name(dtype))
     weights = MODELFILE_WEIGHTS if "f32" in dtypes else gguf_name(dtypes[0])
-    (out / "Modelfile").write_text(modelfile(weights, generation=generation, num_ctx=model.cfg.max_seq_len),
-                                   encoding="utf-8")
+    stops = None
+    if isinstance(tokenizer, HFTokenizer):
+        from builder.gguf_bpe import end_tokens
+
+        stops = end_tokens(tokenizer)
+    (out / "Modelfile").write_text(modelfile(weights, generation=generation, num_ctx=model.cfg.max_seq_len,
+                                             stops=stops), encoding="utf-8")
     return [*written, out / "Modelfile"]
 
 
@@ -263,7 +301,7 @@ def export_gguf(model_path: str | Path, tokenizer_dir: str | Path, out_dir: str 
     from builder.export import GENERATION_DEFAULTS
     from source.checkpoint import load_model
 
-    tokenizer = Tokenizer.load(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     model, ckpt = load_model(model_path, "cpu")
     if ckpt["tokenizer"] != tokenizer.sha256:
         raise ValueError(f"{model_path} was trained with tokenizer {ckpt['tokenizer'][:12]}..., "
@@ -290,28 +328,35 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    heads = int(reader.fields["llama.attention.head_count"].contents())
-    kv_heads = int(reader.fields["llama.attention.head_count_kv"].contents())
+    arch = reader.fields["general.architecture"].contents()
+    heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
+    kv_heads = int(reader.fields[f"{arch}.attention.head_count_kv"].contents())
     out = {}
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(n) for n in reversed(t.shape)])
-        if t.name.endswith("attn_q.weight"):
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_qk(w, heads)
-        elif t.name.endswith("attn_k.weight"):
+        elif arch == "llama" and t.name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_qk(w, kv_heads)
         out[t.name] = w
     return out
 
 
-def check_gguf(path: Path, model: Transformer, tokenizer: Tokenizer) -> None:
+def check_gguf(path: Path, model: Transformer, tokenizer: ChatTokenizer) -> None:
     """ValueError unless the file holds `tokenizer`'s pieces and every weight of `model`, exactly as its dtype
     rounds it (f32: equal; f16 and q8_0: equal to our weights rounded the same way)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
     pieces = reader.fields["tokenizer.ggml.tokens"].contents()
-    if pieces != [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]:
+    if isinstance(tokenizer, HFTokenizer):
+        from builder.gguf_bpe import bpe_pieces
+
+        want_pieces = bpe_pieces(tokenizer, model.cfg.vocab_size)
+    else:
+        want_pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    if pieces != want_pieces:
         raise ValueError(f"{path}: tokenizer.ggml.tokens differ from {tokenizer.path}")
     file_type = gguf.LlamaFileType(reader.fields["general.file_type"].contents())
     dtype = {gguf.LlamaFileType.ALL_F32: "f32", gguf.LlamaFileType.MOSTLY_F16: "f16",
@@ -323,7 +368,8 @@ def check_gguf(path: Path, model: Transformer, tokenizer: Tokenizer) -> None:
     for name, (arr, hf_name) in want.items():
         data, raw = _encode_tensor(arr, dtype)
         rounded = gguf.quants.dequantize(data, raw).reshape(arr.shape) if raw is not None else data.astype(np.float32)
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
+        if gguf_arch(model.cfg) == "llama" and name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias",
+                                                               "attn_k.bias")):
             rounded = unpermute_qk(rounded, model.cfg.n_heads if "attn_q" in name else model.cfg.n_kv_heads)
         if got[name].shape != rounded.shape or not np.array_equal(got[name], rounded):
             raise ValueError(f"{path}: {name} ({hf_name}) differs from the checkpoint")

@@ -29,7 +29,8 @@ def gguf(model_spec: str, tokenizer_dir: Path | None, out_dir: Path, dtypes: tup
       model-f16.gguf   half the size
       model-q8_0.gguf  a quarter of the size (llama.cpp's 8-bit blocks)
       Modelfile        for `ollama create supermix -f Modelfile` (FROM ./model-f32.gguf)
-    Each file holds the hyper-parameters, the SentencePiece vocabulary and the chat template.
+    Each file holds the hyper-parameters, the vocabulary (ours, or an imported base's byte-level BPE) and
+    the chat template (ours, or the base's own).
     `builder export --gguf` writes the same files into the export folder's gguf/.
 
     \b

@@ -11,7 +11,10 @@ Design choices:
   "q8" (default) and "fp32", and the browser index. Not model.safetensors, tokenizer.model or q4:
   transformers.js never reads them, and the site should stay small.
 - `site.json` carries what must be identical to the Python runtime (system prompt, passage clipping,
-  end tokens, generation defaults), written from the Python constants so the two cannot drift.
+  end tokens, generation defaults), written from the Python constants so the two cannot drift. For a
+  version fine-tuned from an imported base it also carries `chat` (the spellings to defuse, and that the
+  sources go into the question) and the model's end tokens: the page then renders the model's own chat
+  template with transformers.js, as `HFTokenizer` does in Python.
 - Cache names carry a hash of the model, index and vendor files (`cache_key`): a visitor's second
   visit is served from the Cache API, and a redeploy with other files starts a fresh cache.
 - Built in a sibling `.partial` folder and swapped in, like the export: a failed build leaves the
@@ -87,18 +90,29 @@ def npm_files(web_static: Path = WEB_STATIC) -> dict[str, Path | str]:
                     f"run `npm ci --ignore-scripts` in {web_static}")
 
 
-def runtime_settings() -> dict:
-    """What the browser must share with runtime_python to build the same prompt and stop the same way."""
+def runtime_settings(tokenizer=None) -> dict:
+    """What the browser must share with runtime_python to build the same prompt and stop the same way. `tokenizer`:
+    an imported base's `HFTokenizer` (a version fine-tuned from it); None or ours: our chat format."""
     from runtime_python.generation import GenerationConfig
+    from source.hf_tokenizer import HFTokenizer
     from source.prompt import MIN_PASSAGE_CHARS
     from source.sft_data import DEFAULT_SYSTEM_PROMPT, PASSAGE_CHARS
     from source.tokenizer import CHAT_TOKENS, CONTROL_TOKENS
 
     gen = GenerationConfig()
-    return {"system_prompt": DEFAULT_SYSTEM_PROMPT, "passage_chars": PASSAGE_CHARS,
-            "min_passage_chars": MIN_PASSAGE_CHARS, "k": 3, "dtype": SITE_DTYPE,
-            "end_tokens": [CONTROL_TOKENS[2], CONTROL_TOKENS[1], *CHAT_TOKENS],  # </s>, <s>, chat-role tokens
-            "generation": {"temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens}}
+    settings = {"system_prompt": DEFAULT_SYSTEM_PROMPT, "passage_chars": PASSAGE_CHARS,
+                "min_passage_chars": MIN_PASSAGE_CHARS, "k": 3, "dtype": SITE_DTYPE,
+                "end_tokens": [CONTROL_TOKENS[2], CONTROL_TOKENS[1], *CHAT_TOKENS],  # </s>, <s>, chat-role tokens
+                "generation": {"temperature": gen.temperature, "top_p": gen.top_p,
+                               "max_new_tokens": gen.max_new_tokens}}
+    if isinstance(tokenizer, HFTokenizer):
+        # the model's own template renders the chat (transformers.js's apply_chat_template); web_static/prompt.js
+        # defuses these spellings and folds the sources into the question as HFTokenizer.chat_messages does, and
+        # eos, bos and every special token end a reply, as in runtime_python.chat
+        ends = [tokenizer.template_vars["eos_token"], tokenizer.template_vars.get("bos_token"), *tokenizer.special_ids]
+        settings["end_tokens"] = [t for t in dict.fromkeys(ends) if t]
+        settings["chat"] = {"defuse": tokenizer.defused_tokens, "fold_context": not tokenizer.native_context}
+    return settings
 
 
 def _copy(src: Path, dst: Path) -> int:
@@ -129,6 +143,14 @@ def build_site(export_dir: Path, out_dir: Path, card: Path | None = None, web_st
     if card is not None and not Path(card).is_file():
         raise SiteError(f"model card {card} not found: write one with `builder card --out FILE`")
     manifest = _read_json(export_dir / "manifest.json") if (export_dir / "manifest.json").is_file() else {}
+    tokenizer = None  # ours: the settings are our chat format's
+    if manifest.get("tokenizer") == "hf":  # a version fine-tuned from an imported base
+        from source.hf_tokenizer import HFTokenizer, TokenizerError
+
+        try:
+            tokenizer = HFTokenizer.load(export_dir)
+        except TokenizerError as e:
+            raise SiteError(str(e)) from None
 
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -164,7 +186,7 @@ def build_site(export_dir: Path, out_dir: Path, card: Path | None = None, web_st
                 "index": f"models/{MODEL_ID}/index/" if has_index else None, "card": card_name,
                 "built": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "transformers_js": npm["transformers_version"], "onnxruntime_web": npm["ort_version"],
-                **runtime_settings()}
+                **runtime_settings(tokenizer)}
         (partial / "site.json").write_text(json.dumps(site, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         (partial / ".nojekyll").write_bytes(b"")  # Pages: serve the folder as is (no Jekyll)
         replace_dir(partial, out_dir)

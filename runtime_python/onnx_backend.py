@@ -22,8 +22,9 @@ Design choices:
 - One intra-op thread by default: a decode step of a model this small is ~120-400 tiny ops, and thread
   hand-offs cost more than they save, badly so when another process holds a core
   (docs/pages/decisions.md). `threads=None` lets onnxruntime pick.
-- The tokenizer is the sentencepiece model the torch backend uses (beside the `.pth`, or copied into the
-  export folder), so prompts, stop handling and detokenisation are shared code.
+- The tokenizer is the one the torch backend uses (beside the `.pth`, or copied into the export folder: our
+  sentencepiece model, or an imported base's tokenizer.json and chat template), so prompts, stop handling and
+  detokenisation are shared code.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ import numpy as np
 import torch
 
 from runtime_python.backends import check_prompt, common_prefix, load_checkpoint
+from source.hf_tokenizer import load_tokenizer
 from source.model import Transformer
-from source.tokenizer import Tokenizer
+from source.tokenizer import ChatTokenizer
 
 ONNX_FILES = {"fp32": "model.onnx", "q8": "model_quantized.onnx", "int8": "model_quantized.onnx",
               "q4": "model_q4.onnx", "q8-gqa": "model_gqa_quantized.onnx"}
@@ -59,7 +61,7 @@ class OnnxBackend:
         contrib = dtype == "q8-gqa" or (manifest.is_file() and  # `builder export --graph contrib`
                                         json.loads(manifest.read_text(encoding="utf-8")).get("onnx_graph") == "contrib")
         head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-        self._open(str(path), Tokenizer.load(folder), name or folder.name, dtype, threads, shared_cache=contrib,
+        self._open(str(path), load_tokenizer(folder), name or folder.name, dtype, threads, shared_cache=contrib,
                    dims=(int(config["num_hidden_layers"]), int(config["num_key_value_heads"]), head_dim,
                          int(config["max_position_embeddings"]), int(config["vocab_size"])))
 
@@ -71,7 +73,7 @@ class OnnxBackend:
         return cls.from_model(model, tokenizer, name or default_name, threads)
 
     @classmethod
-    def from_model(cls, model: Transformer, tokenizer: Tokenizer, name: str = "supermix",
+    def from_model(cls, model: Transformer, tokenizer: ChatTokenizer, name: str = "supermix",
                    threads: int | None = 1) -> "OnnxBackend":
         """The fp32 GroupQueryAttention graph of loaded weights (a ValueError when the shape does not fit it)."""
         from source.onnx_graph import contrib_graph
@@ -82,7 +84,7 @@ class OnnxBackend:
                       dims=(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.max_seq_len, cfg.vocab_size))
         return backend
 
-    def _open(self, model: str | bytes, tokenizer: Tokenizer, name: str, dtype: str, threads: int | None,
+    def _open(self, model: str | bytes, tokenizer: ChatTokenizer, name: str, dtype: str, threads: int | None,
               shared_cache: bool, dims: tuple[int, int, int, int, int]) -> None:
         import onnxruntime as ort
 

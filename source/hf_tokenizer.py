@@ -189,13 +189,14 @@ class HFTokenizer:
         bos = self.template_vars.get("bos_token")
         self.bos_id = self._id(bos, f"{where}: bos_token") if bos else None
         defused = [t.content for t in added.values() if t.special or _BRACKETED.fullmatch(t.content)]
-        self._defuse_re = (re.compile("|".join(map(re.escape, sorted(defused, key=len, reverse=True))))
-                           if defused else None)
+        self.defused_tokens = sorted(defused, key=len, reverse=True)  # longest first (the site's port takes the list)
+        self._defuse_re = re.compile("|".join(map(re.escape, self.defused_tokens))) if defused else None
         self.chat_template, self.template_source = read_chat_template(path, config)
         self._template = (compile_template(self.chat_template, self.template_source)
                           if self.chat_template is not None else None)
         self.native_context = self.chat_template == CHAT_TEMPLATE  # ours lays out "context" turns itself
         self._table, self._byte_ids, self.dummy_prefix = self._byte_table(spec)
+        self.byte_level = self._byte_level  # GPT-2 byte-level pieces (else SentencePiece-style ones)
         self.fffd_per_byte = not self._byte_level
 
     @classmethod

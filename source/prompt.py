@@ -23,8 +23,9 @@ Design choices:
   (questions usually end a long paste). The system prompt is never cut; ValueError only when it
   alone, with max_new_tokens, cannot fit. With a Hugging Face model's own chat template
   (`source.hf_tokenizer`) a message costs more than <|role|> + <|end|> and the count is an
-  estimate: if the encoded prompt is over, the budget shrinks by the excess and the layout is
-  redone (FIT_ROUNDS at most). Ours is exact, so its first round always fits.
+  estimate: if the encoded prompt is over, the next budget is that layout's count less the excess
+  (not the budget less the excess: a layout counted well under its budget would come out the same
+  again), and the layout is redone (FIT_ROUNDS at most). Ours is exact, so its first round always fits.
 - Citations: a reply cites source n as "[n]" or in a group "[1, 3]". Parsing is ASCII-only (digits
   0-9, at most 9 per number; spaces, tabs and newlines around the commas), so the browser's regular
   expressions, whose \\d and \\s differ from Python's, find exactly the same numbers.
@@ -102,17 +103,19 @@ def build_prompt(tokenizer: ChatTokenizer, messages: list[dict], passages: list,
     limit = max_seq_len - max_new_tokens  # what the prompt may take
     budget = limit
     for _ in range(FIT_ROUNDS):
-        kept, ctx, ids = _fit(tokenizer, system, history, user, passages, budget, max_new_tokens, max_seq_len)
+        kept, ctx, ids, counted = _fit(tokenizer, system, history, user, passages, budget, max_new_tokens,
+                                       max_seq_len)
         if len(ids) <= limit:
             return Prompt(ids=ids, messages=kept, passages=ctx, question=user)
-        budget -= len(ids) - limit  # a model's own template cost more than the per-message count
+        budget = min(budget, counted) - (len(ids) - limit)  # its own template cost more than the count
     # with our tokenizer the count is exact and the first round fits; this guards the invariant
     raise ValueError(f"prompt of {len(ids)} tokens exceeds the budget of {limit}")
 
 
 def _fit(tokenizer: ChatTokenizer, system: str, history: list[dict], user: str, passages: list, limit: int,
-         max_new_tokens: int, max_seq_len: int) -> tuple[list[dict], list[dict], list[int]]:
-    """(messages, passages, ids) laid out to take at most `limit` tokens by the per-message count."""
+         max_new_tokens: int, max_seq_len: int) -> tuple[list[dict], list[dict], list[int], int]:
+    """(messages, passages, ids, their per-message count) laid out to take at most `limit` tokens by that count
+    (the count is over `limit` only when the latest user turn was cut to fit)."""
     fixed = 2 + _cost(tokenizer, system) + _cost(tokenizer, "")  # <s>, <|assistant|>, system, empty user turn
     if fixed + 1 > limit:
         raise ValueError(f"cannot fit a prompt: the system prompt takes {fixed - 6} tokens and max_new_tokens is "
@@ -148,7 +151,7 @@ def _fit(tokenizer: ChatTokenizer, system: str, history: list[dict], user: str, 
     kept = to_chat_messages({"messages": [{"role": "system", "content": system}, *history[start:],
                                           {"role": "user", "content": user}], "context": ctx}, system)
     ids, _ = tokenizer.encode_chat(kept, add_generation_prompt=True)
-    return kept, ctx, ids
+    return kept, ctx, ids, total
 
 
 def cited_numbers(text: str) -> list[int]:

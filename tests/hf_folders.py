@@ -82,7 +82,7 @@ def model_folder(folder: Path, tokenizer_dir: Path, model_type: str = "llama", t
                  head_dim: int | None = None, seed: int = 0, licence: bool = True, extra: dict | None = None,
                  perturb: bool = False) -> Path:
     """Random weights for a tiny causal LM over `tokenizer_dir`'s vocabulary, saved in several shards. `extra`:
-    more config fields (rope_scaling, attention_bias, ...). `perturb`: random biases and norm weights (transformers
+    more config fields, or other values for the defaults (rope_scaling, attention_bias, hidden_size, ...). `perturb`: random biases and norm weights (transformers
     starts them at zero and one), so that a forward that ignored them would show."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -91,7 +91,8 @@ def model_folder(folder: Path, tokenizer_dir: Path, model_type: str = "llama", t
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, rope_theta=50000.0, **(extra or {}))
+                  pad_token_id=tok.pad_token_id, rope_theta=50000.0)
+    common.update(extra or {})  # may replace the defaults (a wider model, ...)
     torch.manual_seed(seed)
     if model_type == "llama":
         config = LlamaConfig(**common, **({"head_dim": head_dim} if head_dim else {}))

@@ -168,17 +168,6 @@ def test_eval_and_card_of_a_version_from_a_base(workspace, tiny_workspace, monke
 
 
 @pytest.mark.slow
-def test_export_of_a_version_from_a_base_says_it_is_not_done_yet(workspace):
-    root, _, data = workspace
-    models = root / "models"
-    if not json.loads((models / "registry.json").read_text()).get("versions"):
-        run_sft(root, data, "qwen", "--lora")
-    vid = json.loads((models / "registry.json").read_text())["versions"][-1]["id"]
-    result = CliRunner().invoke(builder, ["export", "--model", vid, "--root", str(models), "--out", str(root / "x")])
-    assert result.exit_code != 0 and "cannot be exported yet" in result.output and not (root / "x").exists()
-
-
-@pytest.mark.slow
 def test_a_lora_run_from_a_base_resumes(workspace, tmp_path):
     root, _, data = workspace
     common = ["sft", "--base", "llama", "--models-root", str(root / "models"), "--data", str(data), "--out",

@@ -2,7 +2,9 @@
 // the prompt laid out and budgeted exactly like source/prompt.py (split_messages, build_prompt,
 // _keep_end, cited_numbers), with source/sft_data.py (to_chat_messages, clip_text, prepare_context)
 // and source/tokenizer.py (format_context, defuse_special_tokens). The ids come from the
-// exported tokenizer_config.json chat template, which renders the layout of Tokenizer.encode_chat.
+// exported tokenizer_config.json chat template, which renders the layout of Tokenizer.encode_chat;
+// for a model fine-tuned from an imported base it is the model's own template, and `chatTokenizer`
+// prepares the messages as source/hf_tokenizer.py's HFTokenizer.chat_messages does (site.json's `chat`).
 // tests/test_prompt.py runs this file in node over the same cases as Python and requires identical
 // prompt ids, laid-out messages, shown passages and cited numbers.
 // Python counts string lengths in code points, so the clipping below does too (Array.from).
@@ -84,25 +86,72 @@ export function citedNumbers(text) {
   return [...out].sort((a, b) => a - b);
 }
 
-/** The `tok` buildPrompt needs, over a transformers.js tokenizer of an exported folder. */
-export function chatTokenizer(tokenizer) {
+/** HFTokenizer.defuse: each spelling of `tokens` (longest first, as site.json lists them) broken by a
+ * look-alike "<" (U+2039), or a word joiner (U+2060) after its first character. */
+export function defuser(tokens) {
+  if (!tokens.length) return (text) => text;
+  const re = new RegExp(tokens.map((t) => t.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&")).join("|"), "g");
+  return (text) => text.replace(re, (t) => {
+    const [first, ...rest] = Array.from(t);  // code points, as Python indexes
+    return first === "<" ? "\u2039" + rest.join("") : first + "\u2060" + rest.join("");
+  });
+}
+
+/** HFTokenizer.chat_messages: contents defused; "context" folded into the next user message. */
+function modelMessages(msgs, defuse, foldContext) {
+  const out = [];
+  let sources = [];
+  msgs.forEach((m, i) => {
+    let content = defuse(m.content);
+    if (m.role === "context" && foldContext) { sources.push(content); return; }
+    if (sources.length) {
+      if (m.role !== "user") throw new Error(`message ${i}: a context message must come right before a user message`);
+      content = "Sources:\n" + sources.join("\n\n") + "\n\n" + content;
+      sources = [];
+    }
+    out.push({ role: m.role, content });
+  });
+  if (sources.length) throw new Error("a context message must come right before a user message, not last");
+  return out;
+}
+
+/** The `tok` buildPrompt needs, over a transformers.js tokenizer of an exported folder. `chat`: site.json's
+ * `chat` for a model with its own chat template ({defuse, fold_context}); absent for ours. */
+export function chatTokenizer(tokenizer, chat = null) {
+  const prepare = chat ? ((d) => (msgs) => modelMessages(msgs, d, chat.fold_context))(defuser(chat.defuse))
+    : (msgs) => msgs;
   return {
     encode: (text) => tokenizer.encode(text, { add_special_tokens: false }),  // ids, no BOS
-    encodeChat: (msgs) => Array.from(tokenizer.apply_chat_template(msgs, { add_generation_prompt: true, tokenize: true,
-                                                                         return_tensor: false, return_dict: false })),
+    encodeChat: (msgs) => Array.from(tokenizer.apply_chat_template(prepare(msgs), {
+      add_generation_prompt: true, tokenize: true, return_tensor: false, return_dict: false })),
   };
 }
+
+const FIT_ROUNDS = 3;  // source.prompt.FIT_ROUNDS
 
 /**
  * source.prompt.build_prompt: {ids, messages, passages, question} within the token budget.
  * `tok`: {encode(text) -> ids without BOS, encodeChat(messages) -> ids with the generation prompt}
  * (chatTokenizer). `minPassageChars` is source.prompt.MIN_PASSAGE_CHARS (site.json carries it).
+ * A model's own template costs more than the per-message count: then the next budget is that
+ * layout's count less the excess and the layout is redone, as in Python (ours always fits at once).
  */
 export function buildPrompt(tok, messages, passages, systemPrompt, maxNewTokens, maxSeqLen, minPassageChars) {
   const [system, history, question] = splitMessages(messages, systemPrompt);
-  let user = question;
-  const cost = (content) => tok.encode(content).length + 2;  // <|role|> content <|end|>
   const limit = maxSeqLen - maxNewTokens;
+  let budget = limit, ids = [];
+  for (let round = 0; round < FIT_ROUNDS; round++) {
+    const fitted = fit(tok, system, history, question, passages, budget, maxNewTokens, maxSeqLen, minPassageChars);
+    ids = fitted.ids;
+    if (ids.length <= limit) return { ids, messages: fitted.messages, passages: fitted.passages, question };
+    budget = Math.min(budget, fitted.total) - (ids.length - limit);
+  }
+  throw new Error(`prompt of ${ids.length} tokens exceeds the budget of ${limit}`);
+}
+
+/** source.prompt._fit: the layout that takes at most `limit` tokens by the per-message count (`total`). */
+function fit(tok, system, history, user, passages, limit, maxNewTokens, maxSeqLen, minPassageChars) {
+  const cost = (content) => tok.encode(content).length + 2;  // <|role|> content <|end|>
   const fixed = 2 + cost(system) + cost("");
   if (fixed + 1 > limit) {
     throw new Error(`cannot fit a prompt: the system prompt takes ${fixed - 6} tokens and max_new_tokens is ` +
@@ -132,9 +181,7 @@ export function buildPrompt(tok, messages, passages, systemPrompt, maxNewTokens,
   if (total > limit) user = keepEnd(tok, user, limit - (total - userCost));  // 3. the end of the question
   const kept = toChatMessages([{ role: "system", content: system }, ...history.slice(start),
                                { role: "user", content: user }], ctx);
-  const ids = tok.encodeChat(kept);
-  if (ids.length > limit) throw new Error(`prompt of ${ids.length} tokens exceeds the budget of ${limit}`);
-  return { ids, messages: kept, passages: ctx, question };
+  return { ids: tok.encodeChat(kept), messages: kept, passages: ctx, total };
 }
 
 /** source.prompt._keep_end: the longest suffix that encodes to at most `room` tokens. */

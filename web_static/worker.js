@@ -167,7 +167,7 @@ async function generate({ id, messages, settings }) {
   const question = retrievalQuery(messages, site.system_prompt);  // source.prompt.retrieval_query
   const found = index && cfg.retrieval && cfg.k > 0 ? await index.search(question, cfg.k) : [];
   const passages = prepareContext(found, site.passage_chars);
-  const { ids, passages: shown } = buildPrompt(chatTokenizer(tokenizer), messages, passages, site.system_prompt,
+  const { ids, passages: shown } = buildPrompt(chatTokenizer(tokenizer, site.chat), messages, passages, site.system_prompt,
                                                cfg.max_new_tokens, maxSeqLen, site.min_passage_chars);
   const sources = shown.map((p, i) => ({ number: i + 1, id: p.id, title: p.title, source: p.source, text: p.text }));
   post({ type: "sources", id, sources });

@@ -1,4 +1,5 @@
-// node tests/js/prompt.mjs TOKENIZER_DIR < cases.json  ->  the same JSON shape with JS results on stdout.
+// node tests/js/prompt.mjs TOKENIZER_DIR [CHAT_JSON] < cases.json  ->  the same JSON shape with JS results on stdout.
+// CHAT_JSON: site.json's `chat` for a model with its own chat template (a version from an imported base).
 // Runs web_static/prompt.js with the tokenizer the site uses (transformers.js's shipped bundle, local
 // files only), for the Python-vs-JS prompt parity test (tests/test_prompt.py).
 import { readFile } from "node:fs/promises";
@@ -6,7 +7,7 @@ import { basename, dirname } from "node:path";
 import { env, AutoTokenizer } from "../../web_static/node_modules/@huggingface/transformers/dist/transformers.js";
 import { buildPrompt, chatTokenizer, citedNumbers, clipText, defuseSpecialTokens, prepareContext, retrievalQuery } from "../../web_static/prompt.js";
 
-const [dir] = process.argv.slice(2);
+const [dir, chat] = process.argv.slice(2);
 env.allowRemoteModels = false;  // as in web_static/worker.js: never the Hub
 env.allowLocalModels = true;
 env.localModelPath = dirname(dir) + "/";
@@ -14,7 +15,7 @@ env.useBrowserCache = false;
 env.fetch = async (url) => {  // the web bundle fetches local model files; node's fetch cannot read paths
   try { return new Response(await readFile(String(url))); } catch { return new Response(null, { status: 404 }); }
 };
-const tok = chatTokenizer(await AutoTokenizer.from_pretrained(basename(dir)));
+const tok = chatTokenizer(await AutoTokenizer.from_pretrained(basename(dir)), chat ? JSON.parse(chat) : null);
 
 const chunks = [];
 for await (const c of process.stdin) chunks.push(c);
